@@ -1,0 +1,135 @@
+"""The one small interface every generative family implements.
+
+A family is a pure PyTorch module. The generic trainer only ever calls the methods below, so a
+family decides what one optimisation phase computes (a VAE has one phase, a GAN a discriminator and a
+generator phase, a WGAN several critic phases per generator phase) without the trainer knowing which
+family it drives. Capabilities that only some families have are expressed by the mix-ins at the end
+(`DensityModel`, `LatentVariableModel`, `ReconstructionModel`); evaluation picks metrics by them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+DataKind = Literal["binary", "continuous"]
+ImageShape = tuple[int, int, int]
+
+
+class GenerativeModel(nn.Module):
+    """Base of every family: training phases, optimisers and sampling.
+
+    Subclasses set the class attributes and implement `forward` and `sample`. `forward(x, phase)`
+    is the single training entry point, so a DistributedDataParallel wrapper around the whole model
+    sees every forward pass and synchronises gradients whatever the phase.
+    """
+
+    #: "binary": trained with dynamic binarisation, evaluated on the fixed binarised split, samples in
+    #: {0, 1}; "continuous": trained and evaluated on images scaled to [0, 1].
+    data_kind: ClassVar[DataKind] = "continuous"
+    #: Evaluation metric that decides promotion (lower is better).
+    primary_metric: ClassVar[str] = "fid"
+    #: Optimiser names, one per phase, in the order one training iteration runs them.
+    phases: ClassVar[tuple[str, ...]] = ("model",)
+
+    def __init__(self, image_shape: Sequence[int]):
+        super().__init__()
+        if len(image_shape) != 3 or any(int(s) <= 0 for s in image_shape):
+            raise ValueError(
+                f"image_shape must be (channels, height, width) of positive sizes, got {image_shape}"
+            )
+        self.image_shape: ImageShape = tuple(int(s) for s in image_shape)
+
+    @property
+    def num_dims(self) -> int:
+        """Number of scalar dimensions of one image (C*H*W)."""
+        c, h, w = self.image_shape
+        return c * h * w
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        """One optimiser per phase; `lr` is the pipeline's learning rate, families may scale it."""
+        return {"model": torch.optim.Adam(self.parameters(), lr=lr)}
+
+    def phase_schedule(self, step: int) -> Sequence[str]:
+        """Phases to run at global iteration `step` (e.g. the generator only every n-th critic step)."""
+        return self.phases
+
+    def forward(self, x: Tensor, phase: str) -> dict[str, Tensor]:
+        """Loss of `phase` on batch `x` under key "loss", plus any scalar metrics worth logging."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, phase: str) -> None:
+        """Called after the optimiser of `phase` stepped (WGAN clips its critic here)."""
+
+    def fit_after_training(self, x_train: Tensor) -> None:
+        """Called once on the whole training split after the last step (an AE fits its code prior here)."""
+
+    def validation_metrics(self, x: Tensor) -> dict[str, Tensor]:
+        """Scalar metrics on held-out data, logged per epoch; empty when the family has none."""
+        return {}
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw `n` images, N x C x H x W in the data's range; repeatable given a seeded generator."""
+        raise NotImplementedError
+
+
+class DensityModel(GenerativeModel):
+    """A model with an exact, normalised likelihood."""
+
+    data_kind: ClassVar[DataKind] = "binary"
+    primary_metric: ClassVar[str] = "test_nll"
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Natural-log likelihood of each image in `x`, shape N, in nats."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, phase: str) -> dict[str, Tensor]:
+        nll = -self.log_prob(x).mean()
+        return {"loss": nll, "nll": nll.detach()}
+
+    def validation_metrics(self, x: Tensor) -> dict[str, Tensor]:
+        return {"val_nll": -self.log_prob(x).mean()}
+
+
+class ReconstructionModel(GenerativeModel):
+    """A model that maps an image to a code and back; evaluation reports reconstruction error."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Deterministic code of each image (the posterior mean for a VAE), shape N x latent_dim."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Image in the data's range for each code (pixel means for Bernoulli decoders)."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+
+class LatentVariableModel(ReconstructionModel):
+    """A latent-variable model with a variational bound on its likelihood."""
+
+    data_kind: ClassVar[DataKind] = "binary"
+    primary_metric: ClassVar[str] = "test_nll_bound"
+
+    def elbo(self, x: Tensor) -> Tensor:
+        """Evidence lower bound of each image, in nats."""
+        raise NotImplementedError
+
+    def importance_weighted_bound(self, x: Tensor, num_samples: int) -> Tensor:
+        """Importance-weighted lower bound on log p(x) (Burda et al. 2016), tighter than the ELBO."""
+        raise NotImplementedError
+
+
+def bits_per_dim(nats_per_image: float, num_dims: int) -> float:
+    """Convert a per-image negative log-likelihood from nats to bits per dimension."""
+    return nats_per_image / (num_dims * math.log(2.0))

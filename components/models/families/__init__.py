@@ -1,0 +1,1 @@
+"""One module per family; each registers itself with `@register_model`."""

@@ -1,0 +1,63 @@
+"""Building blocks shared by several families."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+def downsampled_size(size: int, times: int) -> int:
+    """Spatial size after `times` stride-2, padding-1, kernel-3 convolutions."""
+    for _ in range(times):
+        size = math.ceil(size / 2)
+    return size
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 convolutions and an MLP head: image of any size -> vector of `out_features`."""
+
+    def __init__(self, image_shape, out_features: int, *, channels: int = 32, hidden: int = 256):
+        super().__init__()
+        c, h, w = image_shape
+        flat = 2 * channels * downsampled_size(h, 2) * downsampled_size(w, 2)
+        self.net = nn.Sequential(
+            nn.Conv2d(c, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(flat, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of `ConvEncoder`: vector -> image logits, cropped to the exact image size."""
+
+    def __init__(self, image_shape, in_features: int, *, channels: int = 32, hidden: int = 256):
+        super().__init__()
+        c, self.height, self.width = image_shape
+        self.grid = (2 * channels, downsampled_size(self.height, 2), downsampled_size(self.width, 2))
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, math.prod(self.grid)),
+            nn.ReLU(),
+            nn.Unflatten(1, self.grid),
+            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(channels, c, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)[:, :, : self.height, : self.width]
+
+
+def gaussian_log_density(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+    """Log N(x; mean, exp(log_var)) summed over the last dimension."""
+    return (-0.5 * ((x - mean) ** 2 / log_var.exp() + log_var + math.log(2 * math.pi))).sum(-1)

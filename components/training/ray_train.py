@@ -1,0 +1,119 @@
+"""Runs the generic trainer under Ray Train: one `TorchTrainer` per model, DDP across its workers.
+
+Ray stays at this edge: the per-worker function is `run_training` plus Ray's context, report and
+checkpoint calls. The training arrays travel through Ray's object store, so workers on other nodes
+need no shared file system.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from components.training.trainer import TrainJob, TrainOutcome, read_outcome, run_training
+
+
+@dataclass
+class Scaling:
+    """How many Ray Train workers a model gets and what each holds."""
+
+    workers: int = 1
+    gpus_per_worker: float | str = "auto"  # "auto": 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+
+    def resolved_gpus(self) -> float:
+        if self.gpus_per_worker == "auto":
+            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        gpus = float(self.gpus_per_worker)
+        if gpus < 0:
+            raise ValueError(f"gpus_per_worker must be >= 0 or 'auto', got {self.gpus_per_worker!r}")
+        return gpus
+
+    def scaling_config(self) -> ScalingConfig:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        gpus = self.resolved_gpus()
+        resources = {"CPU": self.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        return ScalingConfig(num_workers=self.workers, use_gpu=gpus > 0, resources_per_worker=resources)
+
+
+class RayContext:
+    """`WorkerContext` backed by Ray Train's session of the current worker."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return nullcontext(None)
+        return _as_path(checkpoint)
+
+
+@contextmanager
+def _as_path(checkpoint: Checkpoint):
+    with checkpoint.as_directory() as directory:
+        yield Path(directory)
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    job = TrainJob(**config["job"])
+    run_training(job, ray.get(config["train"]), ray.get(config["val"]), RayContext())
+
+
+def train_on_ray(
+    job: TrainJob,
+    x_train: np.ndarray,
+    x_val: np.ndarray,
+    *,
+    scaling: Scaling,
+    storage_path: str | Path,
+    run_name: str,
+    output_dir: Path,
+) -> TrainOutcome:
+    """Train `job` on the connected Ray cluster and copy the final weights to `output_dir`.
+
+    Re-running with the same `storage_path` and `run_name` continues from the run's latest
+    checkpoint instead of starting over.
+    """
+    storage = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"job": asdict(job), "train": ray.put(x_train), "val": ray.put(x_val)},
+        scaling_config=scaling.scaling_config(),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray run {run_name!r} finished without a checkpoint (storage {storage})")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    with result.checkpoint.as_directory() as directory:
+        shutil.copytree(directory, output_dir)
+    return read_outcome(output_dir)

@@ -1,0 +1,292 @@
+"""The one generic training loop, for every family, on one process or as one of N DDP workers.
+
+This module is the only place that knows about devices, precision, DistributedDataParallel,
+checkpoints and seeds. A family only says, through `GenerativeModel`, which phases an iteration
+has and what each phase's loss is; the loop runs them with one optimiser each. How the loop talks
+to the outside world (rank, reporting, checkpoint storage) is a `WorkerContext`, so the same loop
+runs under Ray Train (`components.training.ray_train`) and in a plain process (`LocalContext`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+
+from components.models import GenerativeModel, ModelSpec, create_model
+
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FILE = "model.json"
+STATE_FILE = "trainer_state.pt"
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class TrainJob:
+    """What to train and how; the same job and worker count give the same result on CPU."""
+
+    model: dict[str, Any]  # ModelSpec.to_dict()
+    epochs: int
+    batch_size: int  # per worker
+    lr: float
+    seed: int = 0
+    precision: str = "auto"  # "auto" | "fp32" | "bf16"
+    checkpoint_every_steps: int = 500
+    channels_last: bool = True
+    compile: bool = False
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.model)
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished training hands back: where the weights are and how training went."""
+
+    model_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    diverged: str | None = None  # why training stopped early, if it did
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+    def restored_checkpoint(self) -> AbstractContextManager[Path | None]: ...
+
+
+class LocalContext:
+    """A single process without Ray: for unit tests, benchmarks and debugging."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, output_dir: Path, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.output_dir = Path(output_dir)
+        self.reports: list[dict[str, float]] = []
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            copy_tree(checkpoint_dir, self.output_dir)
+
+    def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
+        has_state = (self.output_dir / STATE_FILE).is_file()
+        return nullcontext(self.output_dir if has_state else None)
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for full fp32. bf16 needs no loss scaler, unlike fp16."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return None
+    raise ValueError(f"params.yaml train.precision={precision!r}: expected auto, fp32 or bf16")
+
+
+def save_model_dir(model: GenerativeModel, directory: Path) -> None:
+    """Weights as safetensors plus the spec to rebuild the module: loading never unpickles code."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / WEIGHTS_FILE))
+    (directory / SPEC_FILE).write_text(json.dumps(model.spec.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
+    """Rebuild a model saved by `save_model_dir`; a missing or mismatched file is a clear error."""
+    directory = Path(directory)
+    spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
+    for path in (spec_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; not a genpipe model directory")
+    spec = ModelSpec.from_dict(json.loads(spec_path.read_text()))
+    model = create_model(spec.name, spec.image_shape, **spec.hparams)
+    try:
+        load_model(model, str(weights_path), device=str(device))
+    except Exception as err:  # safetensors raises several types for corrupt or mismatched files
+        raise ValueError(f"{weights_path}: cannot load weights for model {spec.name!r} ({err})") from err
+    return model.to(device).eval()
+
+
+class _Batches:
+    """Per-worker shards of one tensor held on the device: DDP-consistent, no host copies per step."""
+
+    def __init__(self, data: Tensor, batch_size: int, ctx: WorkerContext, seed: int):
+        self.data, self.batch_size = data, batch_size
+        self.sampler = DistributedSampler(
+            range(len(data)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
+        )
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[Tensor]:
+        self.sampler.set_epoch(epoch)
+        index = torch.tensor(list(self.sampler), device=self.data.device)
+        yield from (self.data[chunk] for chunk in index.split(self.batch_size))
+
+
+def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: WorkerContext) -> None:
+    """Train `job` on this worker's shard of `x_train`; rank 0 reports and checkpoints.
+
+    The last checkpoint holds the final weights and the history; `read_outcome` reads it back.
+    """
+    seed_everything(job.seed)  # identical initial weights on every rank
+    model = create_model(job.spec.name, job.spec.image_shape, **job.spec.hparams).to(ctx.device)
+    conv_layout = job.channels_last and ctx.device.type == "cuda"
+    if conv_layout:
+        model = model.to(memory_format=torch.channels_last)
+    optimizers = model.configure_optimizers(job.lr)
+    autocast_dtype = resolve_precision(job.precision, ctx.device)
+    step, start_epoch, history = 0, 0, []
+    seed_everything(job.seed + 7919 * (ctx.rank + 1))  # ranks draw different noise
+    with ctx.restored_checkpoint() as restored:
+        if restored is not None:
+            step, start_epoch, history = _restore(restored, model, optimizers, ctx)
+            seed_everything(job.seed + 7919 * (ctx.rank + 1) + step)
+    network = _distribute(model, ctx)
+    if job.compile:
+        network = torch.compile(network)
+
+    binary = model.data_kind == "binary"
+    train = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)).to(ctx.device)
+    val = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32)).to(ctx.device)
+    batches = _Batches(train, job.batch_size, ctx, job.seed)
+    steps_per_epoch = len(batches)
+    diverged = None
+
+    for epoch in range(start_epoch, job.epochs):
+        model.train()
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        done_in_epoch = step - epoch * steps_per_epoch
+        for batch_index, batch in enumerate(batches.epoch(epoch)):
+            if batch_index < done_in_epoch:
+                continue  # resumed mid-epoch: the sampler order is the same, skip what was done
+            if binary:
+                batch = torch.bernoulli(batch)  # dynamic binarisation: a fresh sample every epoch
+            if conv_layout:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            for phase in model.phase_schedule(step):
+                optimizer = optimizers[phase]
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(
+                    ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
+                    outputs = network(batch, phase)
+                outputs["loss"].backward()
+                optimizer.step()
+                model.after_optimizer_step(phase)
+                for key, value in outputs.items():
+                    name = f"{phase}_loss" if key == "loss" else key
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                    counts[name] = counts.get(name, 0) + 1
+            step += 1
+            if job.checkpoint_every_steps and step % job.checkpoint_every_steps == 0:
+                _checkpoint(ctx, model, optimizers, step, epoch, history, {"step": step})
+        metrics = _epoch_metrics(sums, counts, ctx)
+        # Every rank sees the same all-reduced training metrics, so all of them stop together.
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if ctx.rank == 0:
+            model.eval()
+            with torch.no_grad():
+                metrics.update({k: float(v) for k, v in model.validation_metrics(val).items()})
+        metrics.update(epoch=epoch + 1, step=step)
+        history.append(metrics)
+        if bad:
+            diverged = f"{', '.join(bad)} became non-finite at epoch {epoch + 1} (step {step})"
+            break
+        ctx.report(metrics, None)
+
+    model.eval()
+    if ctx.rank == 0 and diverged is None:
+        model.fit_after_training(train)
+    final = {"step": step, "diverged": 1.0 if diverged else 0.0}
+    _checkpoint(ctx, model, optimizers, step, job.epochs, history, final, reason=diverged)
+
+
+def _distribute(model: GenerativeModel, ctx: WorkerContext) -> nn.Module:
+    if ctx.world_size == 1:
+        return model
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # Multi-phase families leave the other networks unused in each phase (the generator in the
+    # discriminator phase), so DDP must look for unused parameters; single-phase ones skip the cost.
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=len(model.phases) > 1
+    )
+
+
+def _epoch_metrics(sums: dict[str, Tensor], counts: dict[str, int], ctx: WorkerContext) -> dict[str, float]:
+    """Mean of each metric over the epoch and over all workers: one host sync per epoch."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = torch.stack([torch.as_tensor(sums[n]) for n in names])
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    denominators = torch.tensor([counts[n] * ctx.world_size for n in names], device=totals.device)
+    return dict(zip(names, (totals / denominators).tolist(), strict=True))
+
+
+def _checkpoint(ctx: WorkerContext, model, optimizers, step, epoch, history, metrics, reason=None) -> None:
+    if ctx.rank != 0:
+        ctx.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="genpipe-ckpt-") as tmp:
+        directory = Path(tmp)
+        save_model_dir(model, directory)
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        }
+        torch.save(state, directory / STATE_FILE)
+        (directory / HISTORY_FILE).write_text(json.dumps({"history": history, "diverged": reason}, indent=2))
+        ctx.report(metrics, directory)
+
+
+def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[int, int, list]:
+    load_model(model, str(directory / WEIGHTS_FILE), device=str(ctx.device))
+    state = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][name])
+    history = json.loads((directory / HISTORY_FILE).read_text())["history"]
+    return state["step"], state["epoch"], history
+
+
+def read_outcome(checkpoint_dir: Path) -> TrainOutcome:
+    """The outcome recorded in a final checkpoint written by `run_training`."""
+    record = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
+    steps = record["history"][-1]["step"] if record["history"] else 0
+    return TrainOutcome(checkpoint_dir, record["history"], steps, record["diverged"])
