@@ -44,9 +44,13 @@ class Featurizer(nn.Module):
             nn.Linear(64, feature_dim),
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))
+        # Features are standardised with training-split statistics: KID's polynomial kernel is
+        # scale-sensitive, and unit-scale features keep FID and KID in comparable, readable units.
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x.float())
+        return (self.body(x.float()) - self.feature_mean) / self.feature_std
 
     def classify(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
@@ -89,6 +93,9 @@ def train_featurizer(
             optimizer.step()
     model.eval()
     with torch.no_grad():
+        features = model.body(x)
+        model.feature_mean.copy_(features.mean(0))
+        model.feature_std.copy_(features.std(0).clamp_min(1e-6))
         predictions = model.classify(torch.from_numpy(np.ascontiguousarray(x_val))).argmax(1).numpy()
     config = {
         "in_channels": data.image_shape[0],
