@@ -118,3 +118,11 @@ def builtin_digits() -> RawDataset:
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
     return RawDataset(images, digits.target.astype(np.int64), "digits", "sklearn.datasets.load_digits")
+
+
+def dataset_name(raw_dir: Path) -> str:
+    """Name of the dataset in `raw_dir` without loading its arrays."""
+    meta_path = Path(raw_dir) / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: missing; run `genpipe run` or `genpipe data import PATH` first")
+    return json.loads(meta_path.read_text())["name"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,16 @@ class RunLogger:
         for filename in MODEL_FILES:
             self.client.log_artifact(self.run_id, str(Path(model_dir) / filename), "model")
         return f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+
+    @contextmanager
+    def fail_on_error(self) -> Iterator[None]:
+        """Mark the run FAILED, with the error as a tag, if the block raises; nothing is lost silently."""
+        try:
+            yield
+        except BaseException as err:
+            self.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+            self.finish("FAILED")
+            raise
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -7,6 +7,7 @@ need no shared file system.
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -117,3 +118,20 @@ def train_on_ray(
     with result.checkpoint.as_directory() as directory:
         shutil.copytree(directory, output_dir)
     return read_outcome(output_dir)
+
+
+@contextmanager
+def ray_cluster(address: str | None = None):
+    """Attach to the cluster at `address` (or $RAY_ADDRESS); else start a local one for this block.
+
+    A cluster that was already connected in this process (a test session's) is reused and left running.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

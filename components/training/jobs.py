@@ -1,0 +1,56 @@
+"""Turns `params.yaml` into training jobs and runs one model's training on the cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from components.data.prepared import PreparedData
+from components.models import create_model
+from components.models.registry import model_class
+from components.training.ray_train import Scaling, train_on_ray
+from components.training.trainer import TrainJob, TrainOutcome
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the model is not registered."""
+
+
+def train_job(params: dict[str, Any], model_name: str, image_shape: tuple[int, int, int]) -> TrainJob:
+    """The job for `model_name` from params (hyper-parameters under `models.<name>`)."""
+    train = params["train"]
+    hparams = (params.get("models") or {}).get(model_name) or {}
+    spec = create_model(model_name, image_shape, **hparams).spec  # validates name and hyper-parameters early
+    return TrainJob(
+        model=spec.to_dict(),
+        epochs=int(train["epochs"]),
+        batch_size=int(train["batch_size"]),
+        lr=float(train["lr"]),
+        seed=int(params["seed"]),
+        precision=str(train["precision"]),
+        checkpoint_every_steps=int(train["checkpoint_every_steps"]),
+    )
+
+
+def scaling(params: dict[str, Any]) -> Scaling:
+    train = params["train"]
+    return Scaling(workers=int(train["workers"]), gpus_per_worker=train["gpus_per_worker"])
+
+
+def train_model(
+    job: TrainJob, data: PreparedData, params: dict[str, Any], *, run_name: str, output_dir: Path
+) -> TrainOutcome:
+    """Train on Ray; raises TrainingDiverged when the loss blew up."""
+    kind = model_class(job.spec.name).data_kind
+    outcome = train_on_ray(
+        job,
+        data.train.images,
+        data.val.for_kind(kind),
+        scaling=scaling(params),
+        storage_path=params["train"]["storage_path"],
+        run_name=run_name,
+        output_dir=output_dir,
+    )
+    if outcome.diverged:
+        raise TrainingDiverged(f"model {job.spec.name!r} diverged: {outcome.diverged}")
+    return outcome
