@@ -1,0 +1,103 @@
+"""The whole retraining flow on real Prefect, Ray, MLflow (SQLite) and DVC, on the built-in digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from components.registry.models import CHALLENGER, CHAMPION
+from components.registry.tracking import resolve_tracking_uri
+from flows.retrain import retrain
+
+pytestmark = pytest.mark.integration
+
+TINY = {"train": {"epochs": 1}, "evaluate": {"num_samples": 200, "importance_samples": 10}}
+
+
+def run_flow(project: Path, models: list[str], **train):
+    overrides = {**TINY, "train": {**TINY["train"], **train}}
+    return retrain(project_dir=str(project), models=models, overrides=overrides, return_state=True)
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory, ray_instance, prefect_server):
+    """One project in which the VAE has been through the flow once."""
+    from conftest import make_project
+
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    state = run_flow(project, ["vae"])
+    assert state.is_completed(), state.message
+    return project
+
+
+def client_for(project: Path) -> MlflowClient:
+    uri = resolve_tracking_uri(None, project)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_first_version_becomes_champion_with_metrics_grids_and_data_version(trained_project):
+    client = client_for(trained_project)
+    champion = client.get_model_version_by_alias("digits.vae", CHAMPION)
+    assert str(champion.version) == "1"
+    lock = yaml.safe_load((trained_project / "dvc.lock").read_text())
+    data_dep = next(d for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data")
+    assert champion.tags["data_version"] == data_dep["md5"]
+    for metric in ("test_nll_bound", "test_negative_elbo", "fid", "kid_mean", "test_reconstruction_sse"):
+        assert float(champion.tags[f"metric.{metric}"]) == float(champion.tags[f"metric.{metric}"])  # not NaN
+    assert float(champion.tags["metric.test_nll_bound"]) <= float(champion.tags["metric.test_negative_elbo"])
+    assert champion.tags["feature_extractor"].startswith("featurizer-")
+    run = client.get_run(champion.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"]
+    assert run.data.tags["data_version"] == data_dep["md5"]
+    assert run.inputs.dataset_inputs, "the dataset is logged as an MLflow input"
+    history = client.get_metric_history(champion.run_id, "train/model_loss")
+    assert len(history) == 1
+    artifacts = {a.path for a in client.list_artifacts(champion.run_id, "images")}
+    assert {"images/samples.png", "images/reconstructions.png", "images/interpolation.png"} <= artifacts
+    assert {a.path for a in client.list_artifacts(champion.run_id, "model")} == {
+        "model/model.json",
+        "model/weights.safetensors",
+    }
+    assert (trained_project / "data.dvc").is_file()
+
+
+def test_worse_candidate_does_not_move_champion(trained_project):
+    state = run_flow(trained_project, ["vae"], epochs=0)  # an untrained model is worse
+    assert state.is_completed(), state.message
+    client = client_for(trained_project)
+    assert str(client.get_model_version_by_alias("digits.vae", CHAMPION).version) == "1"
+    candidate = client.get_model_version_by_alias("digits.vae", CHALLENGER)
+    assert str(candidate.version) == "2"
+    assert candidate.tags["promotion.decision"] == "rejected"
+    assert float(candidate.tags["metric.test_nll_bound"]) > float(candidate.tags["promotion.champion_value"])
+
+
+def test_a_failing_model_fails_its_branch_only(trained_project):
+    state = run_flow(trained_project, ["vae", "no-such-model"])
+    assert state.is_failed()
+    assert "no-such-model" in state.message and "unknown model" in state.message
+    summary = {row["model"]: row for row in state.result(raise_on_failure=False)}
+    assert summary["vae"]["status"] in ("promoted", "kept champion")
+    assert summary["no-such-model"]["status"] == "failed"
+
+
+def test_scheduled_deployment_has_its_cron_schedule(prefect_server, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.deployment import scheduled_deployment
+
+    deployment_id = scheduled_deployment("0 3 * * *", str(tmp_path), name="nightly-test").apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    deployment = asyncio.run(read())
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.parameters["project_dir"] == str(tmp_path.resolve())
