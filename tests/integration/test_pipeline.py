@@ -101,3 +101,22 @@ def test_scheduled_deployment_has_its_cron_schedule(prefect_server, tmp_path):
     deployment = asyncio.run(read())
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.parameters["project_dir"] == str(tmp_path.resolve())
+
+
+def test_status_and_sample_read_the_registry(trained_project, tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["status", "--json", "-C", str(trained_project)])
+    assert result.exit_code == 0, result.output
+    rows = {row["model"]: row for row in json.loads(result.output)}
+    assert rows["digits.vae"]["champion"] == "1" and rows["digits.vae"]["metric"] == "test_nll_bound"
+    output = tmp_path / "grid.png"
+    args = ["sample", "--model", "vae", "-n", "16", "-o", str(output), "-C", str(trained_project)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert Image.open(output).size[0] > 8 * 4

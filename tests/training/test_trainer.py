@@ -1,0 +1,68 @@
+"""The generic trainer in one process: determinism, resuming, registry errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.models import create_model
+from components.training.trainer import LocalContext, TrainJob, load_model_dir, read_outcome, run_training
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from components.data.prepared import load_prepared, prepare
+    from components.data.raw import builtin_digits, write_raw
+
+    root = tmp_path_factory.mktemp("digits")
+    write_raw(builtin_digits(), root / "raw")
+    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
+    return load_prepared(root / "prepared")
+
+
+def vae_job(digits, epochs: int) -> TrainJob:
+    spec = create_model("vae", digits.image_shape, latent_dim=4, channels=8, hidden=32).spec
+    return TrainJob(
+        model=spec.to_dict(), epochs=epochs, batch_size=128, lr=1e-3, seed=3, checkpoint_every_steps=0
+    )
+
+
+def train(digits, job: TrainJob, output: Path):
+    run_training(job, digits.train.images, digits.val.binary.astype(np.float32), LocalContext(output))
+    return read_outcome(output), load_model_dir(output)
+
+
+def test_same_seed_gives_the_same_weights_and_curves(digits, tmp_path):
+    first, model_a = train(digits, vae_job(digits, 2), tmp_path / "a")
+    second, model_b = train(digits, vae_job(digits, 2), tmp_path / "b")
+    assert first.history == second.history
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert first.history[-1]["val_negative_elbo"] < first.history[0]["val_negative_elbo"] + 5
+
+
+def test_training_resumes_from_its_checkpoint(digits, tmp_path):
+    steps_per_epoch = -(-len(digits.train) // 128)
+    short, _ = train(digits, vae_job(digits, 1), tmp_path / "run")
+    assert short.steps == steps_per_epoch
+    resumed, _ = train(digits, vae_job(digits, 3), tmp_path / "run")  # same directory: continues
+    assert resumed.steps == 3 * steps_per_epoch
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[0] == short.history[0]
+
+
+def test_unknown_model_and_hyperparameter_are_named():
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        create_model("nope", (1, 8, 8))
+    with pytest.raises(ValueError, match="unknown hyper-parameter.*latent_size.*accepted: .*latent_dim"):
+        create_model("vae", (1, 8, 8), latent_size=3)
+
+
+def test_corrupt_weights_are_refused(digits, tmp_path):
+    train(digits, vae_job(digits, 0), tmp_path / "m")
+    (tmp_path / "m" / "weights.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="weights.safetensors: cannot load weights"):
+        load_model_dir(tmp_path / "m")

@@ -1,0 +1,52 @@
+"""params.yaml handling and the command line's surface."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from components.config import ConfigError, load_params
+from flows.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_overrides_apply_and_unknown_keys_are_named(tmp_path):
+    params = load_params(ROOT / "params.yaml", {"train": {"epochs": 3}})
+    assert params["train"]["epochs"] == 3
+    with pytest.raises(ConfigError, match=r"params.yaml.train: unknown key 'epoch'"):
+        load_params(ROOT / "params.yaml", {"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match="missing section"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["schedule"], ["status"], ["sample"], ["models"], ["data", "import"]]
+)
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_models_lists_every_family():
+    from components.models import list_models
+
+    result = CliRunner().invoke(app, ["models"], terminal_width=200)
+    assert result.exit_code == 0
+    for name in list_models():
+        assert name in result.output
+
+
+def test_status_and_sample_on_an_empty_registry_say_so(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    result = CliRunner().invoke(app, ["status", "-C", str(tmp_path)])
+    assert result.exit_code == 0 and "Nothing registered yet" in result.output
+    result = CliRunner().invoke(app, ["sample", "--model", "vae", "--dataset", "digits", "-C", str(tmp_path)])
+    assert result.exit_code == 1 and "nothing is registered yet" in result.output
