@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from components.data.prepared import PreparedData
 from components.evaluation.featurizer import featurizer_id, load_featurizer
-from components.evaluation.sample_quality import fid_kid
+from components.evaluation.parzen import parzen_estimate
+from components.evaluation.sample_quality import fid_kid, load_torchscript_features
 from components.models import (
     DensityModel,
     GenerativeModel,
@@ -51,11 +52,19 @@ class Evaluation:
         return self.metrics[self.primary_metric]
 
 
-def feature_extractor(kind: str, featurizer_dir: str | Path) -> tuple[nn.Module, str]:
-    """The FID/KID feature extractor named in params (`evaluate.feature_extractor`) and its id."""
+def feature_extractor(
+    kind: str, featurizer_dir: str | Path, inception_weights: str | Path | None = None
+) -> tuple[nn.Module, str]:
+    """The FID/KID feature extractor named in params (`evaluate.feature_extractor`) and its id.
+
+    "featurizer": the pipeline's own classifier; "inception": a TorchScript Inception-v3 feature
+    network from the local file `evaluate.inception_weights`.
+    """
     if kind == "featurizer":
         return load_featurizer(featurizer_dir), featurizer_id(featurizer_dir)
-    raise ValueError(f"params.yaml evaluate.feature_extractor={kind!r}: expected 'featurizer'")
+    if kind == "inception":
+        return load_torchscript_features(inception_weights)
+    raise ValueError(f"params.yaml evaluate.feature_extractor={kind!r}: expected 'featurizer' or 'inception'")
 
 
 def _batched(fn, x: Tensor, batch_size: int) -> Tensor:
@@ -106,6 +115,10 @@ def evaluate_model(
             test_nll_bound=bound.item(),
             test_bits_per_dim_bound=bits_per_dim(bound.item(), dims),
         )
+    if not isinstance(model, DensityModel | LatentVariableModel):
+        # Sample-only models get the Parzen-window estimate instead of a likelihood or a bound.
+        val = torch.from_numpy(np.ascontiguousarray(data.val.for_kind(model.data_kind)))
+        metrics.update(parzen_estimate(samples, val, test, batch_size=settings.batch_size))
     if isinstance(model, ReconstructionModel):
         reconstructions = _batched(model.reconstruct, test_on_device, settings.batch_size)
         errors = (reconstructions - test_on_device).pow(2).flatten(1).sum(1)

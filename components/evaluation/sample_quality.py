@@ -1,11 +1,20 @@
-"""Sample-quality scores: FID and KID (torchmetrics) in the feature space of a chosen extractor."""
+"""Sample-quality scores: FID and KID (torchmetrics) in the feature space of a chosen extractor.
+
+The extractor is either the project's own featurizer or a TorchScript feature network the user
+supplies as a file (such as the Inception-v3 of the FID literature), since nothing is downloaded.
+"""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+
+INCEPTION_SIZE = 299  # input side of Inception-v3, used to probe a network's feature size
 
 
 def fid_kid(
@@ -29,3 +38,61 @@ def fid_kid(
                 kid.update(chunk, real=is_real)
         kid_mean, kid_std = kid.compute()
         return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
+class TorchScriptFeatures(nn.Module):
+    """A TorchScript feature network fed the way Inception-v3 FID networks expect their input.
+
+    Images in [0, 1] with 1 or 3 channels become uint8 RGB in [0, 255] (grey images repeated over
+    the three channels); the network must map that to N x D features (anything else is flattened).
+    A network whose `forward` takes `return_features` (the `inception-2015-12-05` TorchScript file,
+    which resizes to 299 x 299 itself and otherwise returns logits) is asked for its pool features.
+    """
+
+    def __init__(self, network: torch.jit.ScriptModule, source: str):
+        super().__init__()
+        self.network = network.eval()
+        arguments = [argument.name for argument in network.forward.schema.arguments]
+        self.options = {"return_features": True} if "return_features" in arguments else {}
+        try:
+            with torch.no_grad():
+                probe = self(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE))
+        except Exception as err:  # whatever the scripted code raises for an input it cannot take
+            raise ValueError(
+                f"{source}: the network failed on one uint8 image of 3 x {INCEPTION_SIZE} x {INCEPTION_SIZE} "
+                f"({err})"
+            ) from err
+        if probe.dim() != 2 or probe.shape[1] < 1:
+            raise ValueError(
+                f"{source}: expected a network returning N x D features, got shape {tuple(probe.shape)} "
+                f"for one {INCEPTION_SIZE} x {INCEPTION_SIZE} image"
+            )
+        self.num_features = int(probe.shape[1])  # read by torchmetrics' FID/KID
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"feature network: expected images with 1 or 3 channels, got {images.shape[1]}")
+        pixels = (images.float().clamp(0.0, 1.0) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+        features = self.network(pixels.contiguous(), **self.options)
+        return features.flatten(1).float()
+
+
+def load_torchscript_features(path: str | Path | None) -> tuple[TorchScriptFeatures, str]:
+    """The TorchScript feature network saved at `path`, and its id "inception-<sha256[:12]>"."""
+    how = (
+        "set params.yaml evaluate.inception_weights to a local TorchScript Inception-v3 feature network "
+        "(e.g. inception-2015-12-05.pt); nothing is downloaded"
+    )
+    if path is None or not str(path).strip():
+        raise FileNotFoundError(f"the inception feature extractor needs a weights file: {how}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: inception weights file not found; {how}")
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    try:
+        network = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # TorchScript raises RuntimeError or pickling errors for foreign files
+        raise ValueError(f"{path}: not a loadable TorchScript module ({err}); {how}") from err
+    extractor = TorchScriptFeatures(network, str(path))
+    return extractor.requires_grad_(False), f"inception-{digest[:12]}"

@@ -1,0 +1,193 @@
+"""Sample-quality scores behave as distances should, and the Parzen estimate is a density estimate."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from components.data.prepared import PreparedData, load_prepared, prepare
+from components.data.raw import builtin_digits, write_raw
+from components.evaluation.evaluate import EvaluationSettings, evaluate_model, feature_extractor
+from components.evaluation.featurizer import train_featurizer
+from components.evaluation.parzen import DEFAULT_SIGMAS, parzen_estimate, parzen_log_likelihood
+from components.evaluation.sample_quality import fid_kid
+from components.models import create_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread avoids contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    write_raw(builtin_digits(), root / "raw")
+    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
+    train_featurizer(
+        root / "prepared", root / "featurizer", feature_dim=32, epochs=8, batch_size=128, lr=2e-3, seed=0
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits(digits_dir: Path) -> PreparedData:
+    return load_prepared(digits_dir / "prepared")
+
+
+@pytest.fixture(scope="module")
+def featurizer(digits_dir: Path) -> nn.Module:
+    extractor, extractor_id = feature_extractor("featurizer", digits_dir / "featurizer")
+    assert extractor_id.startswith("featurizer-")
+    return extractor
+
+
+@pytest.fixture(scope="module")
+def test_images(digits: PreparedData) -> Tensor:
+    return torch.from_numpy(digits.test.images)
+
+
+def test_fid_of_a_set_against_itself_is_zero(test_images: Tensor, featurizer: nn.Module):
+    assert abs(fid_kid(test_images, test_images, featurizer)["fid"]) < 1e-3
+
+
+def test_fid_grows_monotonically_with_added_noise(test_images: Tensor, featurizer: nn.Module):
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(test_images.shape, generator=generator)
+    levels = [0.03, 0.1, 0.2, 0.35, 0.6]
+    fids = [
+        fid_kid(test_images, (test_images + level * noise).clamp(0, 1), featurizer)["fid"] for level in levels
+    ]
+    assert all(a < b for a, b in itertools.pairwise(fids)), dict(zip(levels, fids, strict=True))
+
+
+def test_kid_is_near_zero_between_halves_and_large_against_noise(test_images: Tensor, featurizer: nn.Module):
+    half = len(test_images) // 2
+    same = fid_kid(test_images[:half], test_images[half:], featurizer, kid_subset_size=100)
+    assert abs(same["kid_mean"]) < max(3 * same["kid_std"], 0.05)
+    noise = torch.rand(test_images[half:].shape, generator=torch.Generator().manual_seed(0))
+    different = fid_kid(test_images[:half], noise, featurizer, kid_subset_size=100)
+    assert different["kid_mean"] > 10 * max(abs(same["kid_mean"]), same["kid_std"])
+    assert different["fid"] > 10 * same["fid"]
+
+
+def gaussian_log_density(x: Tensor, mean: float, std: float) -> Tensor:
+    """log N(x; mean, std^2 I) per row of x, in nats."""
+    d = x.shape[1]
+    return -0.5 * ((x - mean) / std).pow(2).sum(1) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
+
+
+def test_parzen_log_likelihood_matches_the_mixture_density_directly():
+    generator = torch.Generator().manual_seed(0)
+    samples, x = torch.rand(7, 1, 2, 3, generator=generator), torch.rand(5, 1, 2, 3, generator=generator)
+    sigmas = [0.05, 0.3]
+    # Batches smaller than both sets exercise the running logsumexp across chunks.
+    estimated = parzen_log_likelihood(x, samples, sigmas, batch_size=3)
+    for row, sigma in zip(estimated, sigmas, strict=True):
+        per_kernel = torch.stack(
+            [gaussian_log_density(x.flatten(1).double() - s, 0.0, sigma) for s in samples.flatten(1).double()]
+        )
+        expected = torch.logsumexp(per_kernel, dim=0) - math.log(len(samples))
+        torch.testing.assert_close(row, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_parzen_estimate_approaches_the_true_log_likelihood_with_many_samples():
+    generator = torch.Generator().manual_seed(0)
+    dims, mean, std = 3, 0.5, 0.1
+
+    def draw(n: int) -> Tensor:
+        return mean + std * torch.randn(n, 1, 1, dims, generator=generator)
+
+    val, test = draw(500), draw(1000)
+    truth = gaussian_log_density(test.flatten(1).double(), mean, std).mean().item()
+    few, many = parzen_estimate(draw(100), val, test), parzen_estimate(draw(5000), val, test)
+    assert abs(many["test_parzen_ll_estimate"] - truth) < 0.05
+    assert abs(many["test_parzen_ll_estimate"] - truth) < abs(few["test_parzen_ll_estimate"] - truth)
+    for result in (few, many):
+        assert result["parzen_sigma"] in DEFAULT_SIGMAS
+    # Denser samples justify a narrower kernel.
+    assert many["parzen_sigma"] < few["parzen_sigma"]
+
+
+def test_evaluation_adds_the_parzen_estimate_for_sample_only_models_only(digits: PreparedData, featurizer):
+    torch.manual_seed(0)
+    settings = EvaluationSettings(num_samples=100, importance_samples=2, batch_size=100)
+    sample_only = evaluate_model(create_model("ae", digits.image_shape), digits, featurizer, "f", settings)
+    assert math.isfinite(sample_only.metrics["test_parzen_ll_estimate"])
+    assert sample_only.metrics["parzen_sigma"] in DEFAULT_SIGMAS
+    with_bound = evaluate_model(create_model("vae", digits.image_shape), digits, featurizer, "f", settings)
+    assert "test_parzen_ll_estimate" not in with_bound.metrics
+
+
+class TinyFeatureNetwork(nn.Module):
+    """Stands in for the Inception TorchScript file: uint8 RGB in, pool features (or logits) out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.logits = nn.Linear(6, 2)
+
+    def forward(self, img: Tensor, return_features: bool = False) -> Tensor:
+        assert img.dtype == torch.uint8 and img.shape[1] == 3, "expects uint8 RGB images"
+        features = torch.relu(self.conv(img.float() / 127.5 - 1.0)).mean(dim=(2, 3))
+        return features if return_features else self.logits(features)
+
+
+class PixelsToFeatures(nn.Module):
+    """Mean of each colour channel, in [0, 1]: shows exactly what the wrapper fed the network."""
+
+    def forward(self, img: Tensor) -> Tensor:
+        return img.float().mean(dim=(2, 3)) / 255
+
+
+def test_inception_extractor_loads_a_torchscript_feature_network(
+    tmp_path: Path, digits_dir: Path, test_images: Tensor
+):
+    torch.manual_seed(0)
+    path = tmp_path / "inception.pt"
+    torch.jit.script(TinyFeatureNetwork()).save(str(path))
+    extractor, extractor_id = feature_extractor("inception", digits_dir / "featurizer", path)
+    assert extractor_id == f"inception-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    assert extractor.num_features == 6  # the pool features, not the 2 logits
+    features = extractor(test_images[:5])  # one grey channel in [0, 1]
+    assert features.shape == (5, 6)
+    scores = fid_kid(test_images, test_images, extractor)
+    assert abs(scores["fid"]) < 1e-3
+
+    # A network without `return_features` (here traced, not scripted) is used as it is.
+    traced = tmp_path / "traced.pt"
+    torch.jit.trace(PixelsToFeatures(), torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).save(str(traced))
+    other, _ = feature_extractor("inception", digits_dir / "featurizer", traced)
+    assert other.num_features == 3
+    torch.testing.assert_close(
+        other(test_images[:2]),
+        test_images[:2].mean(dim=(1, 2, 3))[:, None].expand(2, 3),
+        atol=1 / 255,
+        rtol=0,
+    )
+
+
+def test_inception_extractor_says_which_file_is_missing_and_how_to_provide_it(tmp_path: Path):
+    missing = tmp_path / "nowhere" / "inception.pt"
+    with pytest.raises(FileNotFoundError, match="evaluate.inception_weights") as error:
+        feature_extractor("inception", tmp_path, missing)
+    assert str(missing) in str(error.value)
+    with pytest.raises(FileNotFoundError, match="evaluate.inception_weights"):
+        feature_extractor("inception", tmp_path, None)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(np.arange(100, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match="garbage.pt: not a loadable TorchScript"):
+        feature_extractor("inception", tmp_path, garbage)
+    with pytest.raises(ValueError, match="'featurizer' or 'inception'"):
+        feature_extractor("clip", tmp_path)
