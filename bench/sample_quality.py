@@ -1,0 +1,245 @@
+"""Benchmark every family that is not an exact-likelihood model on one training budget: sample quality.
+
+Every registered family except the `DensityModel`s (so the autoencoders, the VAE, VAE-GAN and the
+GANs, whichever are registered when it runs) is trained with the same epochs, batch size and
+learning rate through the generic trainer (in-process, `LocalContext`) and scored by the pipeline's
+own `evaluate_model`: FID and KID in the featurizer's feature space against the test split,
+reconstruction error for models with an encoder, the Parzen-window estimate for sample-only models
+(the VAE reports its importance-weighted bound instead), and speed. It writes sample grids next to
+real test images under bench/results/ and a report to bench/RESULTS-sample-quality.md with the machine
+it ran on.
+
+    .venv/bin/python bench/sample_quality.py                          # built-in digits, a few minutes
+    .venv/bin/python bench/sample_quality.py --models ae dae vaegan   # a subset
+    .venv/bin/python bench/sample_quality.py --data path/to/mnist --max-images 12000 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from density import machine  # same machine description as the density benchmark
+
+from components.config import load_params
+from components.data.importers import read_dataset
+from components.data.prepared import PreparedData, load_prepared, prepare
+from components.data.raw import RawDataset, builtin_digits, write_raw
+from components.evaluation.evaluate import EvaluationSettings, evaluate_model, feature_extractor
+from components.evaluation.featurizer import train_featurizer
+from components.evaluation.images import save_grid
+from components.evaluation.parzen import parzen_estimate
+from components.evaluation.sample_quality import fid_kid
+from components.models import DensityModel
+from components.models.registry import list_models, model_class
+from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training
+
+RESULTS = Path(__file__).with_name("RESULTS-sample-quality.md")
+IMAGES = Path(__file__).with_name("results")
+ANALYSIS_HEADING = "## Analysis"
+SPEED_SAMPLES = 1000  # images drawn in one call to time sampling
+
+
+@dataclass
+class Row:
+    name: str
+    data_kind: str
+    metrics: dict[str, float]
+    params: int
+    train_seconds: float
+    train_samples_per_second: float
+    sample_images_per_second: float
+    samples_png: str
+    real_png: str
+
+
+def load_data(path: str | None, max_images: int | None, work: Path) -> PreparedData:
+    raw = builtin_digits() if path is None else read_dataset(Path(path))
+    if max_images is not None and max_images < len(raw.images):
+        keep = np.random.default_rng(0).permutation(len(raw.images))[:max_images]
+        raw = RawDataset(
+            raw.images[keep], None if raw.labels is None else raw.labels[keep], raw.name, raw.source
+        )
+    write_raw(raw, work / "raw")
+    prepare(work / "raw", work / "prepared", 0.1, 0.2, 0)
+    return load_prepared(work / "prepared")
+
+
+def families(requested: list[str] | None) -> list[str]:
+    """The requested families, or every registered one without an exact likelihood."""
+    names = requested or [n for n in list_models() if not issubclass(model_class(n), DensityModel)]
+    dense = [n for n in names if issubclass(model_class(n), DensityModel)]
+    if dense:
+        raise SystemExit(f"{', '.join(dense)}: exact-likelihood models are benchmarked by bench/density.py")
+    return names
+
+
+def real_grid(data: PreparedData, data_kind: str) -> str:
+    """Grid of the test images a model of `data_kind` is scored against (written once per kind)."""
+    path = IMAGES / f"{data.name}-real-{data_kind}.png"
+    if not path.exists():
+        save_grid(torch.from_numpy(data.test.for_kind(data_kind)[:64]), path)
+    return path.name
+
+
+def run_one(name: str, data: PreparedData, args, work: Path, extractor, extractor_id: str) -> Row:
+    cls = model_class(name)
+    torch.manual_seed(args.seed)
+    job = TrainJob(
+        model={"name": name, "image_shape": list(data.image_shape), "hparams": {}},
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every_steps=0,
+    )
+    out = work / name
+    start = time.perf_counter()
+    run_training(job, data.train.images, data.val.for_kind(cls.data_kind), LocalContext(out))
+    train_seconds = time.perf_counter() - start
+    model = load_model_dir(out)
+    start = time.perf_counter()
+    model.sample(SPEED_SAMPLES, generator=torch.Generator().manual_seed(args.seed))
+    sample_seconds = time.perf_counter() - start
+    evaluation = evaluate_model(model, data, extractor, extractor_id, EvaluationSettings(seed=args.seed))
+    samples_png = save_grid(evaluation.images["samples"][0], IMAGES / f"{data.name}-{name}.png").name
+    return Row(
+        name,
+        cls.data_kind,
+        evaluation.metrics,
+        sum(p.numel() for p in model.parameters()),
+        train_seconds,
+        args.epochs * len(data.train) / train_seconds,
+        SPEED_SAMPLES / sample_seconds,
+        samples_png,
+        real_grid(data, cls.data_kind),
+    )
+
+
+def data_reference(data: PreparedData, extractor, num_samples: int) -> dict[str, float]:
+    """The scores of training images used as "samples": the best a model can expect on this budget."""
+    train = torch.from_numpy(data.train.images[:num_samples])
+    test, val = torch.from_numpy(data.test.images), torch.from_numpy(data.val.images)
+    return {**fid_kid(test, train, extractor), **parzen_estimate(train, val, test)}
+
+
+def _value(metrics: dict[str, float], key: str, fmt: str) -> str:
+    return format(metrics[key], fmt) if key in metrics and math.isfinite(metrics[key]) else "-"
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| model | data | FID | KID | recon. SSE | Parzen LL est. (sigma) | NLL bound | parameters "
+        "| train s | train img/s | sampling img/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r.metrics
+        kid = f"{m['kid_mean']:.3f} ± {m['kid_std']:.3f}"
+        parzen = (
+            f"{m['test_parzen_ll_estimate']:.1f} ({m['parzen_sigma']:.3g})" if "parzen_sigma" in m else "-"
+        )
+        lines.append(
+            f"| {r.name} | {r.data_kind} | {m['fid']:.2f} | {kid} | {_value(m, 'test_reconstruction_sse', '.2f')} "
+            f"| {parzen} | {_value(m, 'test_nll_bound', '.1f')} | {r.params:,} | {r.train_seconds:.1f} "
+            f"| {r.train_samples_per_second:,.0f} | {r.sample_images_per_second:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def gallery(rows: list[Row]) -> str:
+    lines = ["| model | real test images | generated samples |", "|---|---|---|"]
+    lines += [
+        f"| {r.name} | ![real](results/{r.real_png}) | ![{r.name}](results/{r.samples_png}) |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def write_results(report: str) -> None:
+    """Replace the measured part of the results file; keep the hand-written analysis below it."""
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    analysis = "\n" + old[old.index(ANALYSIS_HEADING) :] if ANALYSIS_HEADING in old else ""
+    RESULTS.write_text(report + analysis)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", help="IDX file or folder (or .npz / image folder); default: built-in digits"
+    )
+    parser.add_argument("--max-images", type=int, help="use a random subset of this many images")
+    parser.add_argument("--models", nargs="+", help="families to run (default: every non-density family)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the results file alone")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = families(args.models)
+
+    with tempfile.TemporaryDirectory(prefix="bench-sample-quality-") as tmp:
+        work = Path(tmp)
+        data = load_data(args.data, args.max_images, work)
+        start = time.perf_counter()
+        featurizer = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["featurizer"]
+        settings = {k: featurizer[k] for k in ("feature_dim", "epochs", "batch_size", "lr")}
+        train_featurizer(work / "prepared", work / "featurizer", seed=args.seed, **settings)
+        featurizer_seconds = time.perf_counter() - start
+        extractor, extractor_id = feature_extractor("featurizer", work / "featurizer")
+        # One untimed epoch first, so the first timed model does not pay for one-time initialisation.
+        run_one(
+            names[0], data, argparse.Namespace(**{**vars(args), "epochs": 1}), work, extractor, extractor_id
+        )
+        reference = data_reference(data, extractor, EvaluationSettings().num_samples)
+        rows = []
+        for name in names:
+            rows.append(run_one(name, data, args, work, extractor, extractor_id))
+            print(f"{name}: {rows[-1].metrics} in {rows[-1].train_seconds:.1f} s", flush=True)
+
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/sample_quality.py", *sys.argv[1:]])
+    c, h, w = data.image_shape
+    report = f"""# Sample quality of the non-likelihood families: FID, KID, reconstruction, Parzen estimate
+
+Dataset: {data.name} ({c}x{h}x{w}; {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images).
+Budget, the same for every model: {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr} (as each family
+scales it), seed {args.seed}, default hyper-parameters. Scores come from `evaluate_model` with its defaults:
+{EvaluationSettings().num_samples} samples; FID and KID against the test split (binarised for binary models) in
+the feature space of `{extractor_id}` (the pipeline's featurizer, trained here in {featurizer_seconds:.0f} s),
+KID subsets of {EvaluationSettings().kid_subset_size}; recon. SSE is the summed squared pixel error per test image;
+the Parzen estimate is the mean test log-likelihood in nats per image of a Gaussian kernel density on the
+samples, bandwidth chosen on the validation split: an estimate for comparing sample-only models, not a
+likelihood. The VAE reports its importance-weighted NLL bound (on binarised data) instead.
+Train seconds include the per-epoch validation pass; sampling draws {SPEED_SAMPLES} images in one call.
+
+Machine: {machine()}.
+Command: `{command}`
+
+{table(rows)}
+
+Reference: {min(len(data.train), EvaluationSettings().num_samples)} training images in place of samples score FID
+{reference["fid"]:.2f}, KID {reference["kid_mean"]:.3f} ± {reference["kid_std"]:.3f} and a Parzen estimate of
+{reference["test_parzen_ll_estimate"]:.1f} nats (sigma {reference["parzen_sigma"]:.3g}).
+
+Grids: 64 test images next to 64 samples of each model (binary models against the binarised test split).
+
+{gallery(rows)}
+"""
+    print(report)
+    if not args.no_write:
+        write_results(report)
+
+
+if __name__ == "__main__":
+    main()
