@@ -1,0 +1,189 @@
+"""What every adversarial family shares: two players, an objective, and the phases that train them.
+
+A family supplies two networks and picks an `Objective`: a `generator` (latent vector -> image of
+exactly `image_shape` on the scale [-1, 1], through a tanh, or a linear output that `sample`
+clamps) and a `discriminator` (image on that scale -> one score per image). `AdversarialModel`
+turns them into the trainer's phases. The discriminator (or critic) phase draws its fakes without a
+graph, so under the trainer's one-DDP-for-the-whole-model wrapper its backward pass never reaches
+the generator; the generator phase back-propagates through the discriminator, whose gradients the
+trainer then throws away because only the generator's optimiser steps. Data in [0, 1] is mapped to
+[-1, 1] on the way in and back on the way out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from components.models.base import GenerativeModel
+
+Critic = Callable[[Tensor], Tensor]
+
+
+class Objective(Protocol):
+    """The two losses of an adversarial game, from the scores the discriminator gives real and fake data."""
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def generator_loss(self, fake: Tensor) -> Tensor: ...
+
+
+class NonSaturating:
+    """Goodfellow et al. (2014): D maximises log D(x) + log(1 - D(G(z))), G maximises log D(G(z)).
+
+    Scores are logits, so both losses are softplus terms, which are exact where log-sigmoid would
+    underflow; G's "non-saturating" loss keeps a strong gradient while D still rejects its samples.
+    """
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+        return loss, {"d_real": torch.sigmoid(real).mean(), "d_fake": torch.sigmoid(fake).mean()}
+
+    def generator_loss(self, fake: Tensor) -> Tensor:
+        return F.softplus(-fake).mean()
+
+
+class Wasserstein:
+    """Arjovsky et al. (2017): the critic's mean score gap estimates the Wasserstein-1 distance
+    (up to its Lipschitz constant); the critic maximises it and the generator minimises it."""
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        distance = real.mean() - fake.mean()
+        return -distance, {"wasserstein": distance}
+
+    def generator_loss(self, fake: Tensor) -> Tensor:
+        return -fake.mean()
+
+
+def input_gradient_norm(critic: Critic, points: Tensor) -> Tensor:
+    """||d critic(x) / dx|| at each point, shape N, differentiable so a penalty on it trains the critic."""
+    points = points.detach().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(critic(points).sum(), points, create_graph=True)
+    return gradient.flatten(1).norm(dim=1)
+
+
+def gradient_penalty(critic: Critic, real: Tensor, fake: Tensor, weight: float = 10.0) -> Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): weight * E[(||grad critic(x_hat)|| - 1)^2] with x_hat drawn
+    uniformly on lines between paired real and fake samples, a soft 1-Lipschitz constraint."""
+    mix = torch.rand(len(real), *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
+    between = mix * real.detach() + (1 - mix) * fake.detach().to(real.dtype)
+    return weight * (input_gradient_norm(critic, between) - 1).pow(2).mean()
+
+
+def r1_penalty(critic: Critic, real: Tensor, gamma: float) -> Tensor:
+    """R1 (Mescheder et al. 2018), as used by StyleGAN: gamma/2 * E||grad D(x)||^2 on real data only."""
+    return 0.5 * gamma * input_gradient_norm(critic, real).pow(2).mean()
+
+
+def standard_normal(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """N(0, I) noise drawn with `generator` on its own device (a seeded CPU generator stays usable
+    for a model on a GPU), then moved to `device`."""
+    source = generator.device if generator is not None else device
+    return torch.randn(*shape, generator=generator, device=source).to(device)
+
+
+def power_of_two_canvas(image_shape: Sequence[int], minimum: int = 8) -> int:
+    """Side of the square power-of-two canvas (at least `minimum`) that holds an image of this shape."""
+    _, height, width = image_shape
+    return max(minimum, 2 ** math.ceil(math.log2(max(height, width))))
+
+
+def crop_center(images: Tensor, height: int, width: int) -> Tensor:
+    """The central height x width window of images generated on a larger canvas."""
+    top = (images.shape[-2] - height) // 2
+    left = (images.shape[-1] - width) // 2
+    return images[..., top : top + height, left : left + width]
+
+
+def pad_center(images: Tensor, size: int) -> Tensor:
+    """Inverse of `crop_center`: place images in the middle of a size x size canvas of -1 (black), so
+    real and generated images look alike outside the image."""
+    height, width = images.shape[-2:]
+    top, left = (size - height) // 2, (size - width) // 2
+    return F.pad(images, (left, size - width - left, top, size - height - top), value=-1.0)
+
+
+class AdversarialModel(GenerativeModel):
+    """Base of the GAN-style families: subclasses set `generator`, `discriminator` and `objective`.
+
+    `phases[0]` trains the discriminator (named "critic" by the Wasserstein families) and runs every
+    step; "generator" runs every `critic_steps`-th step.
+    """
+
+    phases: ClassVar[tuple[str, ...]] = ("discriminator", "generator")
+    objective: ClassVar[Objective] = NonSaturating()
+    generator: nn.Module
+    discriminator: nn.Module
+
+    def __init__(self, image_shape: Sequence[int], *, latent_dim: int, critic_steps: int = 1):
+        super().__init__(image_shape)
+        if critic_steps < 1:
+            raise ValueError(
+                f"{type(self).__name__}: critic steps per generator step must be >= 1, got {critic_steps}"
+            )
+        self.latent_dim = latent_dim
+        self.critic_steps = critic_steps
+
+    def make_optimizer(self, parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """Optimiser of each player; Adam with beta1 = 0.5 as DCGAN found stable for GANs."""
+        return torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.999))
+
+    def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        critic, _ = self.phases
+        return {
+            critic: self.make_optimizer(self.discriminator.parameters(), lr),
+            "generator": self.make_optimizer(self.generator.parameters(), lr),
+        }
+
+    def phase_schedule(self, step: int) -> Sequence[str]:
+        return self.phases if (step + 1) % self.critic_steps == 0 else self.phases[:1]
+
+    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return standard_normal((n, self.latent_dim), generator, self.device)
+
+    def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """`n` generated images on the [-1, 1] scale, with gradients if enabled."""
+        return self.generator(self.prior(n, generator))
+
+    def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor | None:
+        """Extra term of the discriminator loss (a gradient penalty), computed in `forward` so DDP sees it."""
+        return None
+
+    def forward(self, x: Tensor, phase: str) -> dict[str, Tensor]:
+        if phase == self.phases[0]:
+            real = 2 * x - 1
+            with torch.no_grad():  # the generator gets no gradient from the discriminator's step
+                fake = self.generate(len(x))
+            loss, metrics = self.objective.discriminator_loss(
+                self.discriminator(real), self.discriminator(fake)
+            )
+            penalty = self.discriminator_penalty(real, fake)
+            if penalty is not None:
+                loss = loss + penalty
+                metrics["penalty"] = penalty
+            return {"loss": loss, **{k: v.detach() for k, v in metrics.items()}}
+        if phase == "generator":
+            return {"loss": self.objective.generator_loss(self.discriminator(self.generate(len(x))))}
+        raise ValueError(
+            f"{type(self).__name__}.forward: unknown phase {phase!r}, expected one of {self.phases}"
+        )
+
+    def validation_metrics(self, x: Tensor) -> dict[str, Tensor]:
+        """The objective's scores on held-out data against fixed latents: a discriminator that
+        rates validation images far below training images is memorising them."""
+        fixed = torch.Generator(self.device).manual_seed(0)
+        real, fake = [], []
+        for chunk in x.split(1024):
+            real.append(self.discriminator(2 * chunk - 1))
+            fake.append(self.discriminator(self.generate(len(chunk), fixed)))
+        _, metrics = self.objective.discriminator_loss(torch.cat(real), torch.cat(fake))
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return ((self.generate(n, generator).float() + 1) / 2).clamp(0, 1)

@@ -1,0 +1,232 @@
+"""Behaviour of the adversarial families: separate player updates, penalties, schedules, learning."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from components.data.prepared import PreparedData, load_prepared, prepare
+from components.data.raw import builtin_digits, write_raw
+from components.models import create_model
+from components.models.adversarial import AdversarialModel, gradient_penalty, r1_penalty
+from components.training.trainer import (
+    STATE_FILE,
+    LocalContext,
+    TrainJob,
+    load_model_dir,
+    read_outcome,
+    run_training,
+)
+
+FAMILIES = ("gan", "dcgan", "wgan", "wgan-gp", "stylegan")
+SHAPES = [(1, 8, 8), (1, 28, 28), (1, 1, 2), (3, 5, 7)]
+# Small players so that every family's checks stay fast on two shared cores.
+SMALL = {
+    "gan": {"latent_dim": 4, "hidden": 32},
+    "dcgan": {"latent_dim": 4, "width": 8},
+    "wgan": {"latent_dim": 4, "width": 8, "n_critic": 3},
+    "wgan-gp": {"latent_dim": 4, "width": 8, "n_critic": 3},
+    "stylegan": {"latent_dim": 4, "width": 8, "mapping_layers": 2},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread avoids contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> PreparedData:
+    root = tmp_path_factory.mktemp("digits")
+    write_raw(builtin_digits(), root / "raw")
+    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
+    return load_prepared(root / "prepared")
+
+
+def snapshot(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def unchanged(module: nn.Module, before: list[torch.Tensor]) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(module.parameters(), before, strict=True))
+
+
+def trainer_step(
+    network: nn.Module, model: AdversarialModel, optimizers, x: torch.Tensor, phase: str
+) -> dict:
+    """One phase exactly as `run_training` runs it: zero this phase's grads, forward, backward, step."""
+    optimizers[phase].zero_grad(set_to_none=True)
+    outputs = network(x, phase)
+    outputs["loss"].backward()
+    optimizers[phase].step()
+    model.after_optimizer_step(phase)
+    return outputs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_each_phase_steps_only_its_own_player_at_any_image_size(family: str, shape: tuple[int, int, int]):
+    torch.manual_seed(0)
+    model = create_model(family, shape, **SMALL[family])
+    assert model.data_kind == "continuous" and model.primary_metric == "fid"
+    optimizers = model.configure_optimizers(1e-2)
+    assert set(optimizers) == set(model.phases)
+    critic, generator_phase = model.phases
+    x = torch.rand(6, *shape).contiguous(memory_format=torch.channels_last)
+
+    generator_before, critic_before = snapshot(model.generator), snapshot(model.discriminator)
+    outputs = trainer_step(model, model, optimizers, x, critic)
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in outputs.values())
+    # Batch-norm running statistics of the generator may follow the fakes; its weights must not move.
+    assert unchanged(model.generator, generator_before)
+    assert all(p.grad is None for p in model.generator.parameters())
+    assert not unchanged(model.discriminator, critic_before)
+
+    critic_before = snapshot(model.discriminator)
+    outputs = trainer_step(model, model, optimizers, x, generator_phase)
+    assert torch.isfinite(outputs["loss"])
+    assert not unchanged(model.generator, generator_before)
+    assert unchanged(model.discriminator, critic_before)
+
+    model.eval()
+    assert all(torch.isfinite(v) for v in model.validation_metrics(x).values())
+    samples = model.sample(5, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (5, *shape)
+    assert samples.min() >= 0 and samples.max() <= 1
+    assert torch.equal(samples, model.sample(5, generator=torch.Generator().manual_seed(1)))
+    assert not torch.equal(samples, model.sample(5, generator=torch.Generator().manual_seed(2)))
+
+
+@pytest.fixture
+def process_group(tmp_path: Path):
+    """A real one-process gloo group, so the models run inside DistributedDataParallel as in training."""
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this test process")
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_phases_run_under_one_ddp_wrapper_as_the_trainer_uses_it(family: str, process_group):
+    torch.manual_seed(0)
+    model = create_model(family, (1, 8, 8), **SMALL[family])
+    optimizers = model.configure_optimizers(1e-2)
+    network = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    x = torch.rand(6, 1, 8, 8)
+    for step in range(2 * model.critic_steps):
+        for phase in model.phase_schedule(step):
+            generator_before = snapshot(model.generator)
+            outputs = trainer_step(network, model, optimizers, x, phase)
+            assert torch.isfinite(outputs["loss"])
+            if phase == model.phases[0]:
+                assert unchanged(model.generator, generator_before)
+
+
+def test_gradient_penalty_matches_its_closed_form_on_a_linear_critic():
+    """For f(x) = w.x + b the input gradient is w everywhere, so the penalty is lambda * (||w|| - 1)^2."""
+    torch.manual_seed(0)
+    weight = torch.randn(12, dtype=torch.float64).requires_grad_(True)
+
+    def critic(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ weight + 0.3
+
+    real, fake = torch.rand(16, 3, 2, 2, dtype=torch.float64), torch.rand(16, 3, 2, 2, dtype=torch.float64)
+    norm = weight.detach().norm()
+    penalty = gradient_penalty(critic, real, fake, weight=10.0)
+    assert penalty.item() == pytest.approx(10.0 * (norm.item() - 1) ** 2, rel=1e-9)
+    # The penalty must train the critic: its gradient is 2 lambda (||w|| - 1) w / ||w||.
+    penalty.backward()
+    expected = 2 * 10.0 * (norm - 1) * weight.detach() / norm
+    torch.testing.assert_close(weight.grad, expected)
+    assert r1_penalty(critic, real, gamma=4.0).item() == pytest.approx(0.5 * 4.0 * norm.item() ** 2, rel=1e-9)
+
+
+def test_wgan_runs_the_generator_every_n_critic_steps():
+    model = create_model("wgan", (1, 8, 8), **{**SMALL["wgan"], "n_critic": 4})
+    schedule = [tuple(model.phase_schedule(step)) for step in range(12)]
+    generator_steps = [step for step, phases in enumerate(schedule) if "generator" in phases]
+    assert generator_steps == [3, 7, 11]
+    assert all(phases[0] == "critic" for phases in schedule)
+    assert tuple(create_model("gan", (1, 8, 8)).phase_schedule(0)) == ("discriminator", "generator")
+
+
+def test_wgan_clips_every_critic_weight_after_the_critic_step():
+    torch.manual_seed(0)
+    model = create_model("wgan", (1, 8, 8), **{**SMALL["wgan"], "clip": 0.005})
+    optimizers = model.configure_optimizers(0.1)
+    trainer_step(model, model, optimizers, torch.rand(6, 1, 8, 8), "critic")
+    largest = max(p.abs().max().item() for p in model.discriminator.parameters())
+    assert largest == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_on_digits_through_the_trainer(family: str, digits: PreparedData, tmp_path: Path):
+    job = TrainJob(
+        model=create_model(family, digits.image_shape, **SMALL[family]).spec.to_dict(),
+        epochs=2,
+        batch_size=32,
+        lr=1e-3,
+        checkpoint_every_steps=0,
+    )
+    run_training(job, digits.train.images[:192], digits.val.images, LocalContext(tmp_path))
+    outcome = read_outcome(tmp_path)
+    assert outcome.diverged is None and outcome.steps == 12
+    losses = [v for epoch in outcome.history for k, v in epoch.items() if k.endswith("loss")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    # The optimisers' own step counters show which phases the trainer ran.
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)["optimizers"]
+    model = load_model_dir(tmp_path)
+    steps = {phase: max(int(s["step"]) for s in state[phase]["state"].values()) for phase in model.phases}
+    assert steps == {model.phases[0]: 12, "generator": 12 // model.critic_steps}
+    samples = model.sample(8, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (8, *digits.image_shape) and 0 <= samples.min() <= samples.max() <= 1
+
+
+RING_MODES, RING_STD, RING_SCALE = 8, 0.05, 0.4  # radius-1 ring mapped into [0, 1] by 0.5 + 0.4 * point
+
+
+def ring_centres() -> np.ndarray:
+    angles = 2 * np.pi * np.arange(RING_MODES) / RING_MODES
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def ring_points(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    points = ring_centres()[rng.integers(0, RING_MODES, n)] + rng.normal(0, RING_STD, (n, 2))
+    return (0.5 + RING_SCALE * points).astype(np.float32).reshape(n, 1, 1, 2)
+
+
+def test_gan_recovers_the_modes_of_a_ring_of_gaussians(tmp_path: Path):
+    """The classic mode-collapse check: 8 Gaussians (std 0.05) on a unit ring, as 1 x 1 x 2 images.
+
+    A mode counts as recovered when at least 2% of 2,000 samples lie within 3 std of its centre;
+    samples within 3 std of any centre are "high quality". With these settings seeds 0-9 all
+    recovered 8 of 8 modes, with 53-86% high-quality samples (77% at seed 0); 1,000 steps are not
+    always enough, 1,500 were.
+    """
+    spec = create_model("gan", (1, 1, 2), latent_dim=8, hidden=128).spec
+    job = TrainJob(
+        model=spec.to_dict(), epochs=150, batch_size=256, lr=2e-3, seed=0, checkpoint_every_steps=0
+    )
+    run_training(job, ring_points(2560, seed=0), ring_points(256, seed=1), LocalContext(tmp_path))
+    samples = load_model_dir(tmp_path).sample(2000, generator=torch.Generator().manual_seed(0))
+    points = (samples.reshape(-1, 2).numpy() - 0.5) / RING_SCALE
+    distances = np.linalg.norm(points[:, None, :] - ring_centres()[None], axis=2)
+    near = distances.min(axis=1) < 3 * RING_STD
+    per_mode = np.bincount(distances.argmin(axis=1)[near], minlength=RING_MODES)
+    recovered = int((per_mode >= 0.02 * len(points)).sum())
+    print(f"ring: {recovered}/8 modes recovered, {near.mean():.0%} high-quality samples, per mode {per_mode}")
+    assert recovered >= 7, f"only {recovered} of 8 modes recovered; samples per mode: {per_mode}"
+    assert near.mean() >= 0.5, f"only {near.mean():.0%} of samples lie within 3 std of a mode"
