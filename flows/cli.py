@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 import time
@@ -54,9 +55,15 @@ def run(
     ray_address: Annotated[
         str | None, typer.Option(help="Attach to this Ray cluster ($RAY_ADDRESS).")
     ] = None,
+    force: Annotated[bool, typer.Option(help="Retrain models whose inputs are unchanged.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue unfinished models from their checkpoints.")] = False,
+    data_rev: Annotated[str | None, typer.Option(help="Train on data.dvc as of this git revision.")] = None,
+    production_registry_uri: Annotated[
+        str | None, typer.Option(help="MLflow server that receives promoted champions.")
+    ] = None,
     project_dir: ProjectDir = Path("."),
 ) -> None:
-    """Run the retraining flow once: prepare, train, evaluate, register, promote."""
+    """Run the retraining flow once: prepare, plan, train, evaluate, register, promote."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from components.config import ConfigError, load_params
@@ -68,7 +75,10 @@ def run(
         "gpus_per_worker": gpus_per_worker,
         "max_concurrent_models": max_concurrent,
     }
-    overrides = {"train": {k: v for k, v in train.items() if v is not None}}
+    overrides = {
+        "train": {k: v for k, v in train.items() if v is not None},
+        "registry": {"production_registry_uri": production_registry_uri},
+    }
     try:
         params = load_params(project_dir / "params.yaml", overrides)
     except ConfigError as err:
@@ -83,6 +93,9 @@ def run(
             models=_csv(models),
             overrides=overrides,
             ray_address=ray_address,
+            force=force,
+            resume=resume,
+            data_rev=data_rev,
             return_state=True,
         )
     summary = state.result(raise_on_failure=False)
@@ -92,7 +105,7 @@ def run(
     for column in ("model", "status", "version", "detail"):
         table.add_column(column)
     for row in summary:
-        colour = {"promoted": "green", "failed": "red"}.get(row["status"], "yellow")
+        colour = {"promoted": "green", "failed": "red", "skipped": "dim"}.get(row["status"], "yellow")
         table.add_row(
             row["model"], f"[{colour}]{row['status']}[/{colour}]", str(row["version"] or "-"), row["detail"]
         )
@@ -176,6 +189,106 @@ def sample(
     images = loaded.sample(n, generator=torch.Generator().manual_seed(seed))
     save_grid(images, output)
     console.print(f"Wrote {n} samples of {name} v{version.version} (@{alias}) to {output}")
+
+
+def _registered(model: str, params: dict, project_dir: Path) -> str:
+    """`vae` -> `<current dataset>.vae`; a full registered name is kept as it is."""
+    from components.data.raw import DataError, dataset_name
+    from components.registry.models import registered_name
+
+    if "." in model:
+        return model
+    try:
+        return registered_name(dataset_name(project_dir / params["data"]["raw_dir"]), model)
+    except DataError as err:
+        raise _fail(str(err)) from err
+
+
+ModelArgument = Annotated[str, typer.Argument(help="Family (e.g. vae) or registered name (digits.vae).")]
+
+
+@app.command()
+def promote(
+    model: ModelArgument,
+    version: Annotated[str, typer.Argument(help="Version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why; recorded on the version.")],
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Make a version champion by hand (recorded, and published to production)."""
+    from mlflow.exceptions import MlflowException
+
+    from components.registry.models import promote_manually, publish_to_production
+    from components.registry.tracking import client_for
+
+    params, _, client = _tracking(project_dir)
+    name = _registered(model, params, project_dir)
+    registry = params["registry"]
+    try:
+        promote_manually(client, name, version, reason, getpass.getuser())
+        production = (
+            client_for(registry["production_registry_uri"]) if registry["production_registry_uri"] else None
+        )
+        published = publish_to_production(client, name, version, registry["production_prefix"], production)
+    except MlflowException as err:
+        raise _fail(f"{name} v{version}: {err.message}") from err
+    console.print(
+        f"{name}: champion -> v{version} ({reason}); published as {published.name} v{published.version}"
+    )
+
+
+@app.command()
+def rollback(model: ModelArgument, project_dir: ProjectDir = Path(".")) -> None:
+    """Move champion back to the previous champion."""
+    from components.registry.models import rollback as roll_back
+
+    params, _, client = _tracking(project_dir)
+    name = _registered(model, params, project_dir)
+    try:
+        current, previous = roll_back(client, name)
+    except LookupError as err:
+        raise _fail(str(err)) from err
+    console.print(f"{name}: champion v{current} -> v{previous}")
+
+
+LINEAGE_KEYS = (
+    "data_version",
+    "git_commit",
+    "git_dirty",
+    "params_hash",
+    "feature_extractor",
+    "inputs_fingerprint",
+    "ray_scaling",
+    "prefect_flow_run_id",
+    "mlflow_run_id",
+    "weights_sha256",
+    "package_versions",
+    "params",
+)
+
+
+@app.command()
+def lineage(
+    model: ModelArgument,
+    version: Annotated[str, typer.Argument(help="Registered version.")],
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """What a version was made from, and the commands that reproduce it."""
+    from mlflow.exceptions import MlflowException
+
+    from components.registry.lineage import reproduce_commands
+
+    params, _, client = _tracking(project_dir)
+    name = _registered(model, params, project_dir)
+    try:
+        tags = client.get_model_version(name, version).tags
+    except MlflowException as err:
+        raise _fail(f"{name} v{version}: {err.message}") from err
+    table = Table(title=f"Lineage of {name} v{version}", show_header=False)
+    for key in LINEAGE_KEYS:
+        table.add_row(key, tags.get(key, "-"))
+    console.print(table)
+    family = tags.get("model", name.rsplit(".", 1)[-1])
+    console.print("Reproduce with:\n  " + "\n  ".join(reproduce_commands(tags, family)))
 
 
 @app.command("models")

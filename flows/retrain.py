@@ -1,19 +1,21 @@
-"""The retraining DAG: prepare -> for each model: train -> evaluate -> register -> promote.
+"""The retraining DAG: prepare -> plan -> for each model: train -> evaluate -> register -> promote.
 
-Tasks only compose components. A failing model fails its own branch; the others finish, and the
-flow's final state names every model that failed and why.
+Tasks only compose components. The plan skips models whose inputs (data version, params, family
+code) are unchanged since their last registered version. A failing model fails its own branch;
+the others finish, and the flow's final state names every model that failed and why.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
-import platform
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
@@ -23,13 +25,32 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from components.config import load_params
 from components.data.prepared import PreparedData, load_prepared
-from components.data.versioning import data_version, ensure_data, git_revision, reproduce
+from components.data.versioning import data_at_revision, data_version, ensure_data, git_revision, reproduce
 from components.evaluation.evaluate import Evaluation, EvaluationSettings, evaluate_model, feature_extractor
-from components.registry.models import decide_promotion, load_version, register_version, registered_name
+from components.models.registry import model_class
+from components.registry.lineage import (
+    FINGERPRINT_TAG,
+    changed_inputs,
+    inputs_fingerprint,
+    model_inputs,
+    package_versions,
+)
+from components.registry.models import (
+    PromotionPolicy,
+    decide_promotion,
+    load_version,
+    publish_to_production,
+    register_version,
+    registered_name,
+    version_with_tag,
+)
 from components.registry.tracking import RunLogger, client_for, resolve_tracking_uri
-from components.training.jobs import scaling, train_job, train_model
+from components.training.jobs import RunLedger, scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
+
+LOCK_FILE = ".genpipe.lock"
+TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 3}
 
 
 @dataclass
@@ -50,19 +71,31 @@ class Inputs:
     def featurizer_dir(self) -> Path:
         return Path(self.project_dir) / self.params["featurizer"]["dir"]
 
+    def registered_name(self, model: str) -> str:
+        return registered_name(self.data().name, model)
+
+
+@dataclass
+class Plan:
+    model: str
+    action: str  # "train" or "skip"
+    reason: str
+    fingerprint: str = ""
+    ray_run_name: str = ""
+
 
 @dataclass
 class Trained:
     model: str
+    fingerprint: str
     run_id: str
     model_dir: str
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
 class ModelResult:
     model: str
-    status: str  # "promoted", "kept champion", "failed"
+    status: str  # "promoted", "kept champion", "skipped", "failed"
     detail: str
     version: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -73,10 +106,10 @@ def _params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _evaluate(model, inputs: Inputs, data: PreparedData) -> Evaluation:
+def _evaluate(model, inputs: Inputs) -> Evaluation:
     cfg = inputs.params["evaluate"]
     extractor, extractor_id = feature_extractor(
-        cfg.get("feature_extractor", "featurizer"), inputs.featurizer_dir
+        cfg["feature_extractor"], inputs.featurizer_dir, cfg.get("inception_weights")
     )
     settings = EvaluationSettings(
         num_samples=cfg["num_samples"],
@@ -85,26 +118,70 @@ def _evaluate(model, inputs: Inputs, data: PreparedData) -> Evaluation:
         batch_size=cfg["batch_size"],
         seed=inputs.params["seed"],
     )
-    return evaluate_model(model, data, extractor, extractor_id, settings)
+    return evaluate_model(model, inputs.data(), extractor, extractor_id, settings)
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE)
-def prepare_data(project_dir: str, raw_dir: str) -> str:
+def prepare_data(project_dir: str, raw_dir: str, data_rev: str | None) -> str:
     """Make sure the tracked data is present, run the DVC stages, return the data version."""
     logger = get_run_logger()
     repo = Path(project_dir)
     logger.info(ensure_data(repo, Path(raw_dir)))
-    for line in reproduce(repo).splitlines():
-        if line.strip():
-            logger.info("dvc: %s", line)
+    with data_at_revision(repo, data_rev):
+        for line in reproduce(repo).splitlines():
+            if line.strip():
+                logger.info("dvc: %s", line)
     version = data_version(repo)
-    logger.info("data version %s", version)
+    logger.info("data version %s%s", version, f" (data.dvc at {data_rev})" if data_rev else "")
     return version
 
 
-@task(name="train", cache_policy=NO_CACHE, task_run_name="train-{model}")
-def train(model: str, inputs: Inputs) -> Trained:
+@task(name="plan", cache_policy=NO_CACHE)
+def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[Plan]:
+    """Decide, per model, whether its inputs changed since its last registered version."""
     logger = get_run_logger()
+    client = client_for(inputs.tracking_uri)
+    ledger = RunLedger(Path(inputs.project_dir))
+    plans = []
+    for model in models:
+        try:
+            model_class(model)
+            fingerprint = inputs_fingerprint(inputs.params, model, inputs.data_version)
+        except ValueError as err:
+            plans.append(Plan(model, "train", str(err)))  # its train task fails with this message
+            continue
+        name = inputs.registered_name(model)
+        existing = version_with_tag(client, name, FINGERPRINT_TAG, fingerprint)
+        if existing is not None and not force:
+            plans.append(
+                Plan(
+                    model,
+                    "skip",
+                    f"inputs unchanged since {name} v{existing.version} "
+                    "(same data version, params and code); --force retrains",
+                    fingerprint,
+                )
+            )
+        else:
+            latest = version_with_tag(client, name, "model", model)
+            if force and existing is not None:
+                why = "--force"
+            elif latest is None:
+                why = "no registered version yet"
+            else:
+                current = model_inputs(inputs.params, model, inputs.data_version)
+                changed = changed_inputs(json.loads(latest.tags.get("inputs", "{}")), current)
+                why = f"changed since v{latest.version}: {', '.join(changed) or 'unknown'}"
+            run_name = ledger.ray_run_name(model, fingerprint, inputs.pipeline_id, resume)
+            plans.append(Plan(model, "train", why, fingerprint, run_name))
+        logger.info("%s: %s (%s)", model, plans[-1].action, plans[-1].reason)
+    return plans
+
+
+@task(name="train", cache_policy=NO_CACHE, task_run_name="train-{planned.model}")
+def train(planned: Plan, inputs: Inputs) -> Trained:
+    logger = get_run_logger()
+    model = planned.model
     data = inputs.data()
     job = train_job(inputs.params, model, data.image_shape)
     client = client_for(inputs.tracking_uri)
@@ -119,6 +196,8 @@ def train(model: str, inputs: Inputs) -> Trained:
             "data_version": inputs.data_version,
             "git_commit": commit,
             "git_dirty": str(dirty),
+            FINGERPRINT_TAG: planned.fingerprint,
+            "ray_run": planned.ray_run_name,
         },
     )
     with run.fail_on_error():
@@ -130,12 +209,15 @@ def train(model: str, inputs: Inputs) -> Trained:
             source=str(Path(inputs.project_dir).resolve() / "data"),
             context="train",
         )
-        workers = scaling(inputs.params).workers
-        logger.info("training %s on Ray: %d worker(s), %d epochs", model, workers, job.epochs)
-        output_dir = Path(inputs.project_dir) / "outputs" / inputs.pipeline_id / model
-        outcome = train_model(
-            job, data, inputs.params, run_name=f"{inputs.pipeline_id}-{model}", output_dir=output_dir
+        logger.info(
+            "training %s on Ray (%s): %d worker(s), %d epochs",
+            model,
+            planned.ray_run_name,
+            scaling(inputs.params).workers,
+            job.epochs,
         )
+        output_dir = Path(inputs.project_dir) / "outputs" / planned.ray_run_name
+        outcome = train_model(job, data, inputs.params, run_name=planned.ray_run_name, output_dir=output_dir)
         run.log_history(outcome.history)
         last = outcome.history[-1] if outcome.history else {}
         logger.info(
@@ -144,14 +226,14 @@ def train(model: str, inputs: Inputs) -> Trained:
             outcome.steps,
             {k: round(v, 4) for k, v in last.items() if k not in ("epoch", "step")},
         )
-    return Trained(model, run.run_id, str(output_dir), outcome.history)
+    return Trained(model, planned.fingerprint, run.run_id, str(output_dir))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{trained.model}")
 def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
     run = RunLogger(client_for(inputs.tracking_uri), trained.run_id)
     with run.fail_on_error():
-        evaluation = _evaluate(load_model_dir(trained.model_dir), inputs, inputs.data())
+        evaluation = _evaluate(load_model_dir(trained.model_dir), inputs)
         run.log_evaluation(evaluation)
     get_run_logger().info(
         "evaluated %s: %s = %.4f (%s)",
@@ -163,50 +245,81 @@ def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
     return evaluation
 
 
-@task(name="register", cache_policy=NO_CACHE, task_run_name="register-{trained.model}")
+@task(name="register", cache_policy=NO_CACHE, task_run_name="register-{trained.model}", **TRANSIENT_RETRIES)
 def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
+    """Register once: a retry, or a resumed run, finds the version its first attempt created."""
     client = client_for(inputs.tracking_uri)
+    name = inputs.registered_name(trained.model)
+    existing = version_with_tag(client, name, "mlflow_run_id", trained.run_id)
+    if existing is not None:
+        return str(existing.version)
     run = RunLogger(client, trained.run_id)
     with run.fail_on_error():
-        source = run.log_model_dir(Path(trained.model_dir))
+        source, weights_sha256 = run.log_model_package(Path(trained.model_dir))
         commit, dirty = git_revision(Path(inputs.project_dir))
+        params = inputs.params
+        workers = scaling(params)
         version = register_version(
             client,
-            registered_name(inputs.data().name, trained.model),
+            name,
             source,
             trained.run_id,
             evaluation,
             inputs.data_version,
             extra_tags={
+                "model": trained.model,
+                "mlflow_run_id": trained.run_id,
+                FINGERPRINT_TAG: trained.fingerprint,
+                "inputs": json.dumps(
+                    model_inputs(params, trained.model, inputs.data_version), sort_keys=True
+                ),
+                "weights_sha256": weights_sha256,
                 "git_commit": commit,
                 "git_dirty": str(dirty),
-                "params_hash": _params_hash(inputs.params),
+                "params_hash": _params_hash(params),
+                "params": json.dumps(params, sort_keys=True),
                 "prefect_flow_run_id": inputs.pipeline_id,
-                "ray_workers": str(scaling(inputs.params).workers),
-                "torch_version": torch.__version__,
-                "python_version": platform.python_version(),
+                "ray_scaling": json.dumps(
+                    {"workers": workers.workers, "gpus_per_worker": workers.gpus_per_worker}
+                ),
+                "package_versions": json.dumps(package_versions(), sort_keys=True),
             },
         )
-    get_run_logger().info("registered %s version %s as challenger", version.name, version.version)
-    return version.version
+    RunLedger(Path(inputs.project_dir)).finished(trained.model, trained.fingerprint)
+    get_run_logger().info("registered %s version %s as challenger", name, version.version)
+    return str(version.version)
 
 
-@task(name="promote", cache_policy=NO_CACHE, task_run_name="promote-{trained.model}")
+@task(name="promote", cache_policy=NO_CACHE, task_run_name="promote-{trained.model}", **TRANSIENT_RETRIES)
 def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inputs) -> ModelResult:
     client = client_for(inputs.tracking_uri)
     run = RunLogger(client, trained.run_id)
-    name = registered_name(inputs.data().name, trained.model)
+    name = inputs.registered_name(trained.model)
+    registry = inputs.params["registry"]
     with run.fail_on_error():
         candidate = client.get_model_version(name, version)
+        policy = PromotionPolicy.from_params(inputs.params, trained.model, evaluation.primary_metric)
         decision = decide_promotion(
             client,
             name,
             candidate,
             evaluation,
             inputs.data_version,
-            reevaluate=lambda champion: _evaluate(load_version(client, champion), inputs, inputs.data()),
-            min_improvement=float(inputs.params["train"].get("min_improvement", 0.0)),
+            reevaluate=lambda champion: _evaluate(load_version(client, champion), inputs),
+            policy=policy,
         )
+        if decision.promoted:
+            production_uri = registry["production_registry_uri"]
+            published = publish_to_production(
+                client,
+                name,
+                version,
+                registry["production_prefix"],
+                client_for(production_uri) if production_uri else None,
+            )
+            get_run_logger().info(
+                "published %s v%s as %s v%s", name, version, published.name, published.version
+            )
         run.set_tags(
             {
                 "promotion.decision": "promoted" if decision.promoted else "rejected",
@@ -228,49 +341,75 @@ def _branch_failure(model: str, futures: list[PrefectFuture]) -> ModelResult:
     return ModelResult(model, "failed", "an upstream step did not complete")
 
 
+def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
+    # Submitted stage by stage: a waiting downstream task holds a worker thread, so queueing every
+    # training first lets `max_concurrent_models` trainings run while later stages wait their turn.
+    branches = {p.model: [train.submit(p, inputs)] for p in plans if p.action == "train"}
+    for futures in branches.values():
+        futures.append(evaluate.submit(futures[0], inputs))
+    for futures in branches.values():
+        futures.append(register.submit(futures[0], futures[1], inputs))
+    for futures in branches.values():
+        futures.append(promote.submit(futures[0], futures[2], futures[1], inputs))
+    results = [ModelResult(p.model, "skipped", p.reason) for p in plans if p.action == "skip"]
+    for model, futures in branches.items():
+        final = futures[-1]
+        final.wait()
+        results.append(final.result() if final.state.is_completed() else _branch_failure(model, futures))
+    return results
+
+
 @flow(name="genpipe-retrain", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def retrain(
     project_dir: str = ".",
     models: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
     ray_address: str | None = None,
+    force: bool = False,
+    resume: bool = False,
+    data_rev: str | None = None,
 ):
-    """Retrain every model in params.yaml (or `models`) on the current data version."""
+    """Retrain the models of params.yaml (or `models`) whose inputs changed, on the current data."""
     project = Path(project_dir).resolve()
     params = load_params(project / "params.yaml", overrides)
     models = list(models or params["train"]["models"])
     logger = get_run_logger()
-    version = prepare_data(str(project), params["data"]["raw_dir"])
-
-    tracking_uri = resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project)
-    pipeline_id = str(flow_run.get_id() or "local")
-    parent = RunLogger.start(
-        client_for(tracking_uri),
-        params["tracking"]["experiment"],
-        f"retrain-{pipeline_id[:8]}",
-        tags={"prefect_flow_run_id": pipeline_id, "data_version": version},
-    )
-    parent.log_params({"models": ",".join(models), "params_hash": _params_hash(params)})
-    inputs = Inputs(str(project), params, version, tracking_uri, parent.run_id, pipeline_id)
-
-    results: list[ModelResult] = []
-    with ray_cluster(ray_address):
-        # Submitted stage by stage: a waiting downstream task holds a worker thread, so queueing every
-        # training first lets `max_concurrent_models` trainings run while later stages wait their turn.
-        branches = {model: [train.submit(model, inputs)] for model in models}
-        for futures in branches.values():
-            futures.append(evaluate.submit(futures[0], inputs))
-        for futures in branches.values():
-            futures.append(register.submit(futures[0], futures[1], inputs))
-        for futures in branches.values():
-            futures.append(promote.submit(futures[0], futures[2], futures[1], inputs))
-        for model, futures in branches.items():
-            final = futures[-1]
-            final.wait()
-            results.append(final.result() if final.state.is_completed() else _branch_failure(model, futures))
+    lock = FileLock(project / LOCK_FILE)
+    try:
+        lock.acquire(timeout=float(params["train"]["lock_timeout_s"]))
+    except Timeout:
+        message = f"another genpipe run holds {project / LOCK_FILE}; nothing done"
+        logger.warning(message)
+        return Completed(message=message, data=[ModelResult(m, "skipped", message).__dict__ for m in models])
+    try:
+        version = prepare_data(str(project), params["data"]["raw_dir"], data_rev)
+        tracking_uri = resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project)
+        pipeline_id = str(flow_run.get_id() or "local")
+        parent = RunLogger.start(
+            client_for(tracking_uri),
+            params["tracking"]["experiment"],
+            f"retrain-{pipeline_id[:8]}",
+            tags={"prefect_flow_run_id": pipeline_id, "data_version": version},
+        )
+        parent.log_params(
+            {
+                "models": ",".join(models),
+                "params_hash": _params_hash(params),
+                "force": force,
+                "resume": resume,
+                "data_rev": data_rev,
+            }
+        )
+        inputs = Inputs(str(project), params, version, tracking_uri, parent.run_id, pipeline_id)
+        plans = plan(models, inputs, force, resume)
+        needs_cluster = any(p.action == "train" for p in plans)
+        with ray_cluster(ray_address) if needs_cluster else nullcontext():
+            results = _run_branches(plans, inputs)
+    finally:
+        lock.release()
 
     failed = [r for r in results if r.status == "failed"]
-    parent.set_tags({"failed_models": ",".join(r.model for r in failed)})
+    parent.set_tags({"failed_models": ",".join(r.model for r in failed), "run_by": getpass.getuser()})
     parent.finish("FAILED" if failed else "FINISHED")
     for result in results:
         logger.info("%-10s %-14s %s", result.model, result.status, result.detail)
@@ -278,4 +417,5 @@ def retrain(
     if failed:
         reasons = "; ".join(f"{r.model}: {r.detail}" for r in failed)
         return Failed(message=f"{len(failed)} of {len(results)} model(s) failed: {reasons}", data=summary)
-    return Completed(message=f"{len(results)} model(s) trained", data=summary)
+    trained = sum(r.status != "skipped" for r in results)
+    return Completed(message=f"{trained} model(s) trained, {len(results) - trained} skipped", data=summary)

@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -104,3 +106,35 @@ def git_revision(repo: Path) -> tuple[str, bool]:
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown", True
     return commit.stdout.strip(), bool(status.stdout.strip())
+
+
+@contextmanager
+def data_at_revision(repo: Path, revision: str | None) -> Iterator[None]:
+    """Within the block, `data/` holds the data that `data.dvc` tracked at git `revision`.
+
+    DVC checks it out from the cache (or pulls it from the remote); afterwards the work tree's own
+    `data.dvc` and data are put back, so only the block's stages see the older version.
+    """
+    if revision is None:
+        yield
+        return
+    repo = Path(repo)
+    data_file = repo / DATA_FILE
+    shown = subprocess.run(
+        ["git", "show", f"{revision}:{DATA_FILE}"], cwd=repo, capture_output=True, text=True
+    )
+    if shown.returncode != 0:
+        raise DvcError(
+            f"--data-rev {revision}: git has no {DATA_FILE} at that revision ({shown.stderr.strip()})"
+        )
+    original = data_file.read_bytes()
+    data_file.write_text(shown.stdout)
+    try:
+        try:
+            run_dvc(repo, "checkout", "--force", DATA_FILE)
+        except DvcError:
+            run_dvc(repo, "pull", "--force", DATA_FILE)
+        yield
+    finally:
+        data_file.write_bytes(original)
+        run_dvc(repo, "checkout", "--force", DATA_FILE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -21,10 +21,14 @@ from mlflow.tracking import MlflowClient
 
 from components.evaluation.evaluate import Evaluation
 from components.models import GenerativeModel
+from components.registry.pyfunc import DATA_DIR, TamperedArtifact, verify
+from components.registry.tracking import experiment_id
 from components.training.trainer import load_model_dir
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DATA_VERSION_TAG, EXTRACTOR_TAG, PRIMARY_TAG = "data_version", "feature_extractor", "primary_metric"
+WEIGHTS_TAG = "weights_sha256"
+HISTORY_TAG = "champion_history"
 
 
 def registered_name(dataset: str, model: str) -> str:
@@ -60,6 +64,39 @@ def register_version(
 
 
 @dataclass
+class PromotionPolicy:
+    """How a family's candidate is judged against its champion (params.yaml `promotion`)."""
+
+    metric: str
+    direction: str = "minimize"
+    min_improvement: float = 0.0
+    guards: dict[str, str] = field(default_factory=dict)  # metric -> direction; must not get worse
+
+    @classmethod
+    def from_params(cls, params: dict, model: str, primary_metric: str) -> PromotionPolicy:
+        section = params.get("promotion") or {}
+        merged = {**(section.get("default") or {}), **(section.get(model) or {})}
+        policy = cls(
+            metric=merged.get("metric") or primary_metric,
+            direction=merged.get("direction", "minimize"),
+            min_improvement=float(merged.get("min_improvement", 0.0)),
+            guards=dict(merged.get("guards") or {}),
+        )
+        for metric, direction in {policy.metric: policy.direction, **policy.guards}.items():
+            if direction not in ("minimize", "maximize"):
+                raise ValueError(
+                    f"params.yaml promotion.{model}: direction of {metric!r} is {direction!r}; "
+                    "expected minimize or maximize"
+                )
+        return policy
+
+    @staticmethod
+    def gain(candidate: float, champion: float, direction: str) -> float:
+        """How much better the candidate is (positive) or worse (negative)."""
+        return champion - candidate if direction == "minimize" else candidate - champion
+
+
+@dataclass
 class Decision:
     promoted: bool
     reason: str
@@ -75,6 +112,10 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion 
         return None
 
 
+def _recorded_metrics(version: ModelVersion) -> dict[str, float]:
+    return {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
+
+
 def decide_promotion(
     client: MlflowClient,
     name: str,
@@ -82,10 +123,11 @@ def decide_promotion(
     evaluation: Evaluation,
     data_version: str,
     reevaluate: Callable[[ModelVersion], Evaluation],
-    min_improvement: float = 0.0,
+    policy: PromotionPolicy,
 ) -> Decision:
-    """Move `champion` to `candidate` if it is better by more than `min_improvement`; record why."""
-    metric, value = evaluation.primary_metric, evaluation.primary_value
+    """Move `champion` to `candidate` if the policy says it is better; record the decision and why."""
+    metric = policy.metric
+    value = evaluation.metrics[metric]
     champion = _alias_version(client, name, CHAMPION)
     if champion is None:
         decision = Decision(True, "first version: no champion yet", value, None, None)
@@ -93,43 +135,147 @@ def decide_promotion(
         comparable = (
             champion.tags.get(DATA_VERSION_TAG) == data_version
             and champion.tags.get(EXTRACTOR_TAG) == evaluation.extractor_id
-            and champion.tags.get(PRIMARY_TAG) == metric
         )
         if comparable:
-            champion_value, basis = float(champion.tags[f"metric.{metric}"]), "its recorded score"
+            champion_metrics, basis = _recorded_metrics(champion), "recorded"
         else:
-            champion_value = reevaluate(champion).metrics[metric]
+            champion_metrics = reevaluate(champion).metrics
             basis = f"re-evaluated on data {data_version[:12]} with {evaluation.extractor_id}"
-        better = value < champion_value - min_improvement
-        verdict = "better" if better else "not better"
+        champion_value = champion_metrics[metric]
+        gain = policy.gain(value, champion_value, policy.direction)
+        worse_guards = [
+            f"{guard} {evaluation.metrics[guard]:.4g} vs {champion_metrics[guard]:.4g}"
+            for guard, direction in policy.guards.items()
+            if policy.gain(evaluation.metrics[guard], champion_metrics[guard], direction) < 0
+        ]
+        if gain <= policy.min_improvement:
+            verdict = (
+                "not better" if gain <= 0 else f"better by {gain:.4g}, not more than {policy.min_improvement}"
+            )
+        elif worse_guards:
+            verdict = f"better, but guard metric(s) got worse: {'; '.join(worse_guards)}"
+        else:
+            verdict = "better"
         decision = Decision(
-            better,
-            f"{metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} ({basis}): {verdict}"
-            + (f" by more than {min_improvement}" if min_improvement else ""),
+            verdict == "better",
+            f"{metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} ({basis}): {verdict}",
             value,
             champion_value,
-            champion.version,
+            str(champion.version),
         )
     if decision.promoted:
-        client.set_registered_model_alias(name, CHAMPION, candidate.version)
+        move_champion(client, name, str(candidate.version))
     for key, tag in {
         "promotion.decision": "promoted" if decision.promoted else "rejected",
         "promotion.reason": decision.reason,
         "promotion.champion_value": ""
         if decision.champion_value is None
         else f"{decision.champion_value:.6g}",
+        "promotion.champion_version": decision.champion_version or "",
     }.items():
         client.set_model_version_tag(name, candidate.version, key, tag)
     return decision
 
 
+def move_champion(client: MlflowClient, name: str, version: str) -> None:
+    """Point `champion` at `version` and remember the move, so a rollback knows where to return."""
+    history = [v for v in client.get_registered_model(name).tags.get(HISTORY_TAG, "").split(",") if v]
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, version]))
+
+
+def promote_manually(client: MlflowClient, name: str, version: str, reason: str, user: str) -> None:
+    """Make `version` champion by hand; the reason and who did it are recorded on the version."""
+    client.get_model_version(name, version)  # raises a clear MlflowException for an unknown version
+    move_champion(client, name, version)
+    for key, tag in {
+        "promotion.decision": "manual",
+        "promotion.reason": reason,
+        "promotion.by": user,
+    }.items():
+        client.set_model_version_tag(name, version, key, tag)
+
+
+def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
+    """Move `champion` back to the previous champion; returns (from, to) versions."""
+    history = [v for v in client.get_registered_model(name).tags.get(HISTORY_TAG, "").split(",") if v]
+    if len(history) < 2:
+        raise LookupError(f"registered model {name!r} has no previous champion to roll back to")
+    current, previous = history[-1], history[-2]
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
+    client.set_model_version_tag(name, current, "promotion.rolled_back", "true")
+    return current, previous
+
+
+def publish_to_production(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    prefix: str = "prod.",
+    production: MlflowClient | None = None,
+) -> ModelVersion:
+    """Copy a champion to the production registered model, keeping a link to its source version.
+
+    With `production` (another MLflow server), the weights and tags are re-registered there.
+    """
+    source = client.get_model_version(name, version)
+    target_name = f"{prefix}{name}"
+    tags = {
+        **source.tags,
+        "source_model": name,
+        "source_version": str(version),
+        "source_registry": client.tracking_uri,
+    }
+    if production is None:
+        copied = client.copy_model_version(f"models:/{name}/{version}", target_name)
+        target = client
+    else:
+        target = production
+        with tempfile.TemporaryDirectory(prefix="genpipe-publish-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=source.source, dst_path=tmp, tracking_uri=client.tracking_uri
+            )
+            run = production.create_run(experiment_id(production, "genpipe-production"), run_name=target_name)
+            production.log_artifacts(run.info.run_id, local, "model")
+            production.set_terminated(run.info.run_id)
+            try:
+                production.create_registered_model(target_name)
+            except MlflowException as err:
+                if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                    raise
+            copied = production.create_model_version(
+                target_name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+            )
+    for key, value in tags.items():
+        target.set_model_version_tag(target_name, copied.version, key, value)
+    target.set_registered_model_alias(target_name, CHAMPION, copied.version)
+    return target.get_model_version(target_name, copied.version)
+
+
+def version_with_tag(client: MlflowClient, name: str, key: str, value: str) -> ModelVersion | None:
+    """The newest version of `name` whose tag `key` equals `value` (e.g. the same inputs fingerprint)."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and tags.{key} = '{value}'")
+    except MlflowException:
+        return None
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
 def load_version(client: MlflowClient, version: ModelVersion, device: str = "cpu") -> GenerativeModel:
-    """Download a registered version's weights and rebuild the model (no pickled code is loaded)."""
+    """Download a registered version and rebuild the model; refuses weights that were modified."""
     with tempfile.TemporaryDirectory(prefix="genpipe-model-") as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=version.source, dst_path=tmp, tracking_uri=client.tracking_uri
         )
-        return load_model_dir(Path(local), device=device)
+        data_dir = Path(local) / DATA_DIR
+        expected = version.tags.get(WEIGHTS_TAG)
+        if not expected:
+            raise TamperedArtifact(
+                f"{version.name} v{version.version}: no {WEIGHTS_TAG} tag to check its weights"
+            )
+        verify(data_dir, expected)
+        return load_model_dir(data_dir, device=device)
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion:

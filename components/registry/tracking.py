@@ -22,10 +22,9 @@ from mlflow.tracking import MlflowClient
 
 from components.evaluation.evaluate import Evaluation
 from components.evaluation.images import save_grid
-from components.training.trainer import SPEC_FILE, WEIGHTS_FILE
+from components.registry.pyfunc import write_model_package
 
 MAX_PARAM_LENGTH = 6000
-MODEL_FILES = (WEIGHTS_FILE, SPEC_FILE)
 
 
 def resolve_tracking_uri(configured: str | None = None, workdir: str | Path = ".") -> str:
@@ -45,8 +44,13 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    artifact_location = None
+    if client.tracking_uri.startswith("sqlite:///"):
+        # Artifacts live beside the database, not in whatever directory the process started in.
+        database = Path(client.tracking_uri.removeprefix("sqlite:///"))
+        artifact_location = (database.parent / "mlruns").resolve().as_uri()
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
         return client.get_experiment_by_name(name).experiment_id
 
@@ -121,11 +125,15 @@ class RunLogger:
                 save_grid(images, Path(tmp) / f"{name}.png", columns)
             self.client.log_artifacts(self.run_id, tmp, "images")
 
-    def log_model_dir(self, model_dir: Path) -> str:
-        """Upload the weights and the spec (not the optimiser state); returns the registry's source URI."""
-        for filename in MODEL_FILES:
-            self.client.log_artifact(self.run_id, str(Path(model_dir) / filename), "model")
-        return f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+    def log_model_package(self, model_dir: Path) -> tuple[str, str]:
+        """Upload the weights as a data-only pyfunc model (no optimiser state).
+
+        Returns the registry's source URI and the weights' SHA-256.
+        """
+        with tempfile.TemporaryDirectory(prefix="genpipe-package-") as tmp:
+            digest = write_model_package(Path(model_dir), Path(tmp))
+            self.client.log_artifacts(self.run_id, tmp, "model")
+        return f"{self.client.get_run(self.run_id).info.artifact_uri}/model", digest
 
     @contextmanager
     def fail_on_error(self) -> Iterator[None]:

@@ -59,8 +59,12 @@ def test_first_version_becomes_champion_with_metrics_grids_and_data_version(trai
     artifacts = {a.path for a in client.list_artifacts(champion.run_id, "images")}
     assert {"images/samples.png", "images/reconstructions.png", "images/interpolation.png"} <= artifacts
     assert {a.path for a in client.list_artifacts(champion.run_id, "model")} == {
-        "model/model.json",
-        "model/weights.safetensors",
+        "model/MLmodel",
+        "model/data",
+    }
+    assert {a.path for a in client.list_artifacts(champion.run_id, "model/data")} == {
+        "model/data/model.json",
+        "model/data/weights.safetensors",
     }
     assert (trained_project / "data.dvc").is_file()
 
@@ -81,7 +85,7 @@ def test_a_failing_model_fails_its_branch_only(trained_project):
     assert state.is_failed()
     assert "no-such-model" in state.message and "unknown model" in state.message
     summary = {row["model"]: row for row in state.result(raise_on_failure=False)}
-    assert summary["vae"]["status"] in ("promoted", "kept champion")
+    assert summary["vae"]["status"] in ("promoted", "kept champion", "skipped")
     assert summary["no-such-model"]["status"] == "failed"
 
 
@@ -120,3 +124,23 @@ def test_status_and_sample_read_the_registry(trained_project, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert Image.open(output).size[0] > 8 * 4
+
+
+def test_unchanged_inputs_are_skipped_and_force_retrains(trained_project):
+    first = run_flow(trained_project, ["vae"])
+    assert first.is_completed(), first.message
+    versions_before = len(client_for(trained_project).search_model_versions("name = 'digits.vae'"))
+    again = run_flow(trained_project, ["vae"])
+    (row,) = again.result(raise_on_failure=False)
+    assert row["status"] == "skipped" and "inputs unchanged" in row["detail"]
+    assert len(client_for(trained_project).search_model_versions("name = 'digits.vae'")) == versions_before
+    forced = retrain(
+        project_dir=str(trained_project), models=["vae"], overrides=TINY, force=True, return_state=True
+    )
+    (row,) = forced.result(raise_on_failure=False)
+    assert row["status"] in ("promoted", "kept champion")
+    assert (
+        len(client_for(trained_project).search_model_versions("name = 'digits.vae'")) == versions_before + 1
+    )
+    source = client_for(trained_project).get_model_version("digits.vae", row["version"]).source
+    assert source.startswith(str(trained_project)) or str(trained_project) in source
