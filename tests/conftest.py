@@ -66,3 +66,9 @@ def make_project(directory: Path) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def project_factory():
+    """`make_project` for fixtures of wider scope than `project`."""
+    return make_project

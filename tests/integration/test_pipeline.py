@@ -23,11 +23,9 @@ def run_flow(project: Path, models: list[str], **train):
 
 
 @pytest.fixture(scope="module")
-def trained_project(tmp_path_factory, ray_instance, prefect_server):
+def trained_project(tmp_path_factory, ray_instance, prefect_server, project_factory):
     """One project in which the VAE has been through the flow once."""
-    from conftest import make_project
-
-    project = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    project = project_factory(tmp_path_factory.mktemp("pipeline") / "project")
     state = run_flow(project, ["vae"])
     assert state.is_completed(), state.message
     return project
