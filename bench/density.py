@@ -1,0 +1,299 @@
+"""Benchmark the likelihood families on one training budget: test NLL, size and speed.
+
+Trains FVSBN, NADE, MADE, PixelCNN, PixelRNN and the VAE with the same epochs, batch size and
+learning rate through the generic trainer (in-process, `LocalContext`), on the built-in 8x8 digits
+or on a dataset given with `--data` (an IDX file or folder such as MNIST, or anything
+`genpipe data import` reads), prints a table and writes it to bench/RESULTS-density.md with the
+machine it ran on. Two references put the numbers in scale: independent per-pixel Bernoullis fitted
+on the training split (no dependencies at all), and a mixture with one component per training image
+(p(x) = mean_j prod_i Bernoulli(x_i | g_ji), which knows the binarisation process).
+
+    .venv/bin/python bench/density.py                      # digits, 3 seeds: ~3 minutes on 2 CPU cores
+    .venv/bin/python bench/density.py --variants           # also gated PixelCNN, Diagonal BiLSTM, MADE x8
+    .venv/bin/python bench/density.py --data path/to/mnist --max-images 12000 --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.data.importers import read_dataset
+from components.data.prepared import PreparedData, load_prepared, prepare
+from components.data.raw import DataError, RawDataset, builtin_digits, write_raw
+from components.models import DensityModel, LatentVariableModel, bits_per_dim, create_model
+from components.models.autoregressive import AutoregressiveBernoulli
+from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training
+
+RESULTS = Path(__file__).with_name("RESULTS-density.md")
+ANALYSIS_HEADING = "## Analysis"
+IMPORTANCE_SAMPLES = 100
+EVAL_BATCH = 500
+
+#: (label, registered name, hyper-parameters beyond the defaults)
+MODELS = [
+    ("fvsbn", "fvsbn", {}),
+    ("nade", "nade", {}),
+    ("made", "made", {}),
+    ("pixelcnn", "pixelcnn", {}),
+    ("pixelrnn (row)", "pixelrnn", {}),
+    ("vae", "vae", {}),
+]
+VARIANTS = [
+    ("made, 8 masks", "made", {"num_masks": 8}),
+    ("pixelcnn, gated", "pixelcnn", {"gated": True}),
+    ("pixelrnn (diagonal)", "pixelrnn", {"variant": "diagonal"}),
+]
+
+
+@dataclass
+class Row:
+    label: str
+    nlls: list[float]  # one per seed
+    bound: bool  # the VAE reports an upper bound on the NLL
+    context_seen: float | None  # autoregressive families only
+    params: int
+    train_seconds: float  # mean over seeds, as are the two below
+    samples_per_second: float
+    sample_seconds: float
+
+
+def load_data(path: str | None, max_images: int | None, work: Path) -> PreparedData:
+    try:
+        raw = builtin_digits() if path is None else read_dataset(Path(path))
+    except DataError as err:
+        raise SystemExit(f"bench/density.py --data: {err}") from err
+    if max_images is not None and max_images < len(raw.images):
+        keep = np.random.default_rng(0).permutation(len(raw.images))[:max_images]
+        labels = None if raw.labels is None else raw.labels[keep]
+        raw = RawDataset(raw.images[keep], labels, raw.name, raw.source)
+    if raw.images.shape[1] != 1:
+        raise SystemExit(
+            f"{path}: the likelihood families model 1-channel images, found {raw.images.shape[1]}"
+        )
+    write_raw(raw, work / "raw")
+    prepare(work / "raw", work / "prepared", 0.1, 0.2, 0)
+    return load_prepared(work / "prepared")
+
+
+@torch.no_grad()
+def test_nll(model, x: torch.Tensor) -> tuple[float, bool]:
+    """Mean NLL in nats, and whether it is only an upper bound (the VAE's importance-weighted one)."""
+    if isinstance(model, DensityModel):
+        return -torch.cat([model.log_prob(chunk) for chunk in x.split(EVAL_BATCH)]).mean().item(), False
+    if isinstance(model, LatentVariableModel):
+        torch.manual_seed(0)
+        chunks = [model.importance_weighted_bound(chunk, IMPORTANCE_SAMPLES) for chunk in x.split(EVAL_BATCH)]
+        return -torch.cat(chunks).mean().item(), True
+    raise TypeError(f"{type(model).__name__} has neither a likelihood nor a bound")
+
+
+def reference_nlls(data: PreparedData) -> dict[str, float]:
+    """NLL of two non-learned references and the binarisation noise floor, in nats per image."""
+    train = torch.from_numpy(data.train.images).double().flatten(1)
+    test_grey = torch.from_numpy(data.test.images).double().flatten(1)
+    x = torch.from_numpy(data.test.binary).double().flatten(1)
+
+    def log_bernoulli(p: torch.Tensor) -> torch.Tensor:  # N_test x N_components
+        p = p.clamp(0.01, 0.99)  # an unseen 0/1 pixel would otherwise cost infinitely many nats
+        return x @ p.log().T + (1 - x) @ (1 - p).log().T
+
+    mixture = torch.logsumexp(log_bernoulli(train), 1) - math.log(len(train))
+    p = test_grey.clamp(1e-12, 1 - 1e-12)
+    noise = -(p * p.log() + (1 - p) * (1 - p).log()).sum(1)
+    return {
+        "independent pixels (train means)": -log_bernoulli(train.mean(0, keepdim=True)).mean().item(),
+        "mixture of all training images": -mixture.mean().item(),
+        "binarisation noise H(x given the grey image), a floor": noise.mean().item(),
+    }
+
+
+def context_seen(model, max_pixels: int = 64) -> float | None:
+    """Mean over pixels i of the share of pixels before i that can change the logit of pixel i.
+
+    1.0 means every conditional sees its whole context (FVSBN, NADE, MADE, Diagonal BiLSTM); the
+    PixelCNN's blind spot and the Row LSTM's triangular receptive field show up as less.
+    """
+    if not isinstance(model, AutoregressiveBernoulli):
+        return None
+    x = torch.randn(32, *model.image_shape, requires_grad=True)  # several inputs: a dead ReLU is not a mask
+    logits = model.logits(x).flatten(1)
+    d = model.num_dims
+    pixels = torch.linspace(1, d - 1, min(d - 1, max_pixels)).round().long().unique().tolist()
+    shares = []
+    for i in pixels:
+        (grad,) = torch.autograd.grad(logits[:, i].sum(), x, retain_graph=True)
+        shares.append((grad.flatten(1)[:, :i] != 0).any(0).double().mean().item())
+    return sum(shares) / len(shares)
+
+
+def run_one(name: str, hparams: dict, data: PreparedData, args, seed: int, out: Path) -> dict:
+    """Train one model with one seed; its test NLL, size and timings."""
+    torch.manual_seed(seed)
+    spec = create_model(name, data.image_shape, **hparams).spec
+    job = TrainJob(
+        model=spec.to_dict(),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=seed,
+        checkpoint_every_steps=0,
+    )
+    start = time.perf_counter()
+    run_training(job, data.train.images, data.val.binary.astype(np.float32), LocalContext(out))
+    train_seconds = time.perf_counter() - start
+    model = load_model_dir(out)
+    nll, bound = test_nll(model, torch.from_numpy(data.test.binary.astype(np.float32)))
+    start = time.perf_counter()
+    model.sample(64, generator=torch.Generator().manual_seed(0))
+    return {
+        "model": model,
+        "nll": nll,
+        "bound": bound,
+        "train_seconds": train_seconds,
+        "sample_seconds": time.perf_counter() - start,
+    }
+
+
+def run_model(label: str, name: str, hparams: dict, data: PreparedData, args, work: Path) -> Row:
+    slug = re.sub(r"\W+", "_", label)  # a fresh output folder per run: an old one would be resumed
+    runs = [
+        run_one(name, hparams, data, args, args.seed + k, work / f"{slug}-{k}") for k in range(args.seeds)
+    ]
+    model = runs[-1]["model"]
+    train_seconds = statistics.mean(r["train_seconds"] for r in runs)
+    return Row(
+        label,
+        [r["nll"] for r in runs],
+        runs[0]["bound"],
+        context_seen(model),
+        sum(p.numel() for p in model.parameters()),
+        train_seconds,
+        args.epochs * len(data.train) / train_seconds,
+        statistics.mean(r["sample_seconds"] for r in runs),
+    )
+
+
+def table(rows: list[Row], dims: int) -> str:
+    lines = [
+        "| model | test NLL (nats) | bits/dim | context seen | parameters | train s | train samples/s "
+        "| s per 64 samples |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        le = "<= " if r.bound else ""
+        nll = statistics.mean(r.nlls)
+        spread = f" ± {statistics.stdev(r.nlls):.2f}" if len(r.nlls) > 1 else ""
+        seen = "n/a" if r.context_seen is None else f"{r.context_seen:.0%}"
+        lines.append(
+            f"| {r.label} | {le}{nll:.2f}{spread} | {le}{bits_per_dim(nll, dims):.4f} | {seen} | {r.params:,} | "
+            f"{r.train_seconds:.1f} | {r.samples_per_second:,.0f} | {r.sample_seconds:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+        ]
+        cpu = names[0] if names else cpu
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} using {torch.get_num_threads()} thread(s), "
+        f"Python {platform.python_version()}, {datetime.date.today().isoformat()}, "
+        f"1-minute load average {os.getloadavg()[0]:.1f} at the end (other jobs share this machine)"
+    )
+
+
+def write_results(report: str) -> None:
+    """Replace the measured part of the results file; keep the hand-written analysis below it."""
+    analysis = ""
+    if RESULTS.exists():
+        old = RESULTS.read_text()
+        if ANALYSIS_HEADING in old:
+            analysis = "\n" + old[old.index(ANALYSIS_HEADING) :]
+    RESULTS.write_text(report + "\n" + analysis)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", help="IDX file or folder (or .npz / image folder); default: built-in digits"
+    )
+    parser.add_argument("--max-images", type=int, help="use a random subset of this many images")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--seed", type=int, default=0, help="first training seed")
+    parser.add_argument("--seeds", type=int, default=3, help="train each model with this many seeds")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--variants", action="store_true", help="also gated PixelCNN, Diagonal BiLSTM, MADE x8"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS-density.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench-density-") as tmp:
+        work = Path(tmp)
+        data = load_data(args.data, args.max_images, work)
+        dims = math.prod(data.image_shape)
+        # One untimed epoch first, so the first timed model does not pay for one-time initialisation.
+        warm_up = argparse.Namespace(**{**vars(args), "epochs": 1})
+        run_one("fvsbn", {}, data, warm_up, args.seed, work / "warm-up")
+        rows = []
+        for label, name, hparams in MODELS + (VARIANTS if args.variants else []):
+            rows.append(run_model(label, name, hparams, data, args, work))
+            print(f"{label}: {rows[-1]}", flush=True)
+    references = reference_nlls(data)
+    reference_lines = "\n".join(
+        f"| {name} | {nll:.2f} | {bits_per_dim(nll, dims):.4f} |" for name, nll in references.items()
+    )
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/density.py", *sys.argv[1:]])
+    c, h, w = data.image_shape
+    report = f"""# Likelihood families: test NLL and speed
+
+Dataset: {data.name} ({c}x{h}x{w}; {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images;
+trained with dynamic binarisation, scored on the fixed binarised test split).
+Budget, the same for every model: {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr};
+{args.seeds} training seed(s) from {args.seed} (NLL: mean ± standard deviation over seeds; the rest: means).
+"Context seen": mean over pixels i of the share of pixels before i that can change the logit of pixel i.
+The VAE row is an upper bound on its NLL (importance-weighted bound, {IMPORTANCE_SAMPLES} samples).
+Train seconds include the per-epoch validation pass; sampling draws 64 images in parallel.
+
+Machine: {machine()}.
+Command: `{command}`
+
+{table(rows, dims)}
+
+References on the same test split (not learned by gradient descent):
+
+| reference | test NLL (nats) | bits/dim |
+|---|---:|---:|
+{reference_lines}
+"""
+    print(report)
+    if not args.no_write:
+        write_results(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Neural autoregressive distribution estimator, NADE (Larochelle & Murray, AISTATS 2011).
+
+Idea: every conditional p(x_d | x_<d) is a one-hidden-layer network, and all D networks share one
+input weight matrix W, so the hidden pre-activation of pixel d is that of pixel d-1 plus
+W[:, d-1] x_{d-1}. A running (cumulative) sum therefore gives all D hidden layers in O(D*H)
+instead of D separate forward passes of O(D*H) each:
+h_d = sigmoid(c + W[:, <d] x_<d), p(x_d = 1 | x_<d) = sigmoid(b_d + V_d . h_d).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from components.models.autoregressive import AutoregressiveBernoulli, Conditional
+from components.models.registry import register_model
+
+
+@register_model("nade")
+class NADE(AutoregressiveBernoulli):
+    def __init__(self, image_shape: Sequence[int], *, hidden: int = 128):
+        super().__init__(image_shape)
+        d = self.num_dims
+        self.input_weight = nn.Parameter(torch.empty(d, hidden).uniform_(-1, 1) / math.sqrt(d))
+        self.hidden_bias = nn.Parameter(torch.zeros(hidden))
+        self.output_weight = nn.Parameter(torch.empty(d, hidden).uniform_(-1, 1) / math.sqrt(hidden))
+        self.output_bias = nn.Parameter(torch.zeros(d))
+
+    def logits(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        # N x D x H: pre-activation of pixel d = c + sum_{j<d} W_j x_j, an exclusive cumulative sum.
+        running = (flat[:, :, None] * self.input_weight).cumsum(1)
+        pre_activation = self.hidden_bias + F.pad(running[:, :-1], (0, 0, 1, 0))
+        hidden = torch.sigmoid(pre_activation)
+        logits = torch.einsum("ndh,dh->nd", hidden, self.output_weight) + self.output_bias
+        return logits.reshape(-1, *self.image_shape)
+
+    def conditional_logits(self, x: Tensor, generator: torch.Generator | None) -> Iterator[Conditional]:
+        pre_activation = self.hidden_bias.expand(len(x), -1)
+        for d in range(self.num_dims):
+            yield d, torch.sigmoid(pre_activation) @ self.output_weight[d] + self.output_bias[d]
+            pre_activation = pre_activation + x[:, d : d + 1] * self.input_weight[d]
