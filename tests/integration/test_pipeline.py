@@ -142,3 +142,34 @@ def test_unchanged_inputs_are_skipped_and_force_retrains(trained_project):
     )
     source = client_for(trained_project).get_model_version("digits.vae", row["version"]).source
     assert source.startswith(str(trained_project)) or str(trained_project) in source
+
+
+def test_changed_data_retrains_and_data_rev_trains_on_an_older_version(trained_project):
+    import numpy as np
+
+    from components.data.importers import import_dataset
+    from components.data.raw import builtin_digits
+
+    git = __import__("conftest").git
+    git(trained_project, "add", "data.dvc", "dvc.lock", ".gitignore")
+    git(trained_project, "commit", "-qm", "built-in digits")
+    original = git(trained_project, "rev-parse", "HEAD").strip()
+    digits = builtin_digits()
+    np.savez(trained_project / "fewer.npz", x=digits.images[:900, 0], y=digits.labels[:900])
+    import_dataset(trained_project / "fewer.npz", trained_project, name="digits")
+    git(trained_project, "commit", "-qam", "fewer digits")
+    new_data_dvc = (trained_project / "data.dvc").read_text()
+
+    changed = run_flow(trained_project, ["vae"])
+    (row,) = changed.result(raise_on_failure=False)
+    assert row["status"] in ("promoted", "kept champion"), row
+    assert "re-evaluated on data" in row["detail"]
+
+    older = retrain(
+        project_dir=str(trained_project), models=["vae"], overrides=TINY, data_rev=original, return_state=True
+    )
+    (row,) = older.result(raise_on_failure=False)
+    assert (
+        row["status"] == "skipped" and "inputs unchanged" in row["detail"]
+    )  # the first run's data and inputs
+    assert (trained_project / "data.dvc").read_text() == new_data_dvc
