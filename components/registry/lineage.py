@@ -18,6 +18,7 @@ from typing import Any
 
 from components.models.base import GenerativeModel
 from components.models.registry import model_class
+from components.training.jobs import train_settings
 
 PACKAGES = ("torch", "ray", "mlflow", "prefect", "dvc", "torchmetrics", "numpy")
 SHARED_CODE = (
@@ -49,7 +50,11 @@ def family_code_hash(model: str) -> str:
 
 def model_inputs(params: dict[str, Any], model: str, data_version: str) -> dict[str, Any]:
     """The inputs that decide `model`, as recorded and fingerprinted."""
-    train = {k: v for k, v in params["train"].items() if k not in ("models", "max_concurrent_models")}
+    train = {
+        k: v
+        for k, v in train_settings(params, model).items()
+        if k not in ("models", "max_concurrent_models", "lock_timeout_s")
+    }
     return {
         "data_version": data_version,
         "hparams": (params.get("models") or {}).get(model) or {},

@@ -17,9 +17,19 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the model is not registered."""
 
 
+def train_settings(params: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """`train` with the family's own overrides (`train.per_model.<name>`, e.g. more epochs for a GAN)."""
+    settings = {k: v for k, v in params["train"].items() if k != "per_model"}
+    overrides = (params["train"].get("per_model") or {}).get(model_name) or {}
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise ValueError(f"params.yaml train.per_model.{model_name}: unknown key(s) {', '.join(unknown)}")
+    return {**settings, **overrides}
+
+
 def train_job(params: dict[str, Any], model_name: str, image_shape: tuple[int, int, int]) -> TrainJob:
     """The job for `model_name` from params (hyper-parameters under `models.<name>`)."""
-    train = params["train"]
+    train = train_settings(params, model_name)
     hparams = (params.get("models") or {}).get(model_name) or {}
     spec = create_model(model_name, image_shape, **hparams).spec  # validates name and hyper-parameters early
     return TrainJob(
