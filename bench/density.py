@@ -125,8 +125,9 @@ def reference_nlls(data: PreparedData) -> dict[str, float]:
 def context_seen(model, max_pixels: int = 64) -> float | None:
     """Mean over pixels i of the share of pixels before i that can change the logit of pixel i.
 
-    1.0 means every conditional sees its whole context (FVSBN, NADE, MADE, Diagonal BiLSTM); the
-    PixelCNN's blind spot and the Row LSTM's triangular receptive field show up as less.
+    1.0 means every conditional sees its whole context (FVSBN, NADE; MADE up to its random
+    connectivity, measured for its first mask); the PixelCNN's blind spot, the Row LSTM's triangular
+    receptive field and the Diagonal BiLSTM's one missed pixel per row show up as less.
     """
     if not isinstance(model, AutoregressiveBernoulli):
         return None

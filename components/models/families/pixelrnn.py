@@ -12,7 +12,9 @@ masked (type-B) input-to-state convolution, in one of two variants (hyper-parame
 - "diagonal", Diagonal BiLSTM: the input is skewed so that the state at (r, c) can be computed from
   (r, c-1) and (r-1, c) with a 2 x 1 convolution along diagonals, once left-to-right and once
   right-to-left; the right-to-left output is shifted down one row (it has seen pixels to the right
-  in its own row), after which every pixel sees its whole context.
+  in its own row). Every pixel then sees its whole context but one pixel: the last of the row above
+  is missed by the pixels further than the first convolution's reach to its left, because no
+  feature ever contains its own pixel.
 
 The output of pixel i depends only on pixels before i in raster order, exactly, in both variants.
 """
