@@ -401,6 +401,15 @@ def retrain(
             }
         )
         inputs = Inputs(str(project), params, version, tracking_uri, parent.run_id, pipeline_id)
+        # Logged here first, serially: model runs logging the same new dataset concurrently would race
+        # to insert it into MLflow's dataset table.
+        parent.log_dataset(
+            inputs.data().train.images,
+            name=inputs.data().name,
+            version=version,
+            source=str(project / "data"),
+            context="train",
+        )
         plans = plan(models, inputs, force, resume)
         needs_cluster = any(p.action == "train" for p in plans)
         with ray_cluster(ray_address) if needs_cluster else nullcontext():
