@@ -72,3 +72,33 @@ def project(tmp_path: Path) -> Path:
 def project_factory():
     """`make_project` for fixtures of wider scope than `project`."""
     return make_project
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread avoids contention on a 2-core machine (use via pytest.mark.usefixtures)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """The built-in digits, written and prepared (split, scaled, binarised) once per session."""
+    from components.data.prepared import prepare
+    from components.data.raw import builtin_digits, write_raw
+
+    root = tmp_path_factory.mktemp("digits")
+    write_raw(builtin_digits(), root / "raw")
+    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits(digits_root):
+    from components.data.prepared import load_prepared
+
+    return load_prepared(digits_root / "prepared")

@@ -12,38 +12,29 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from components.data.prepared import PreparedData, load_prepared, prepare
-from components.data.raw import builtin_digits, write_raw
+from components.data.prepared import PreparedData
 from components.evaluation.evaluate import EvaluationSettings, evaluate_model, feature_extractor
 from components.evaluation.featurizer import train_featurizer
 from components.evaluation.parzen import DEFAULT_SIGMAS, parzen_estimate, parzen_log_likelihood
 from components.evaluation.sample_quality import fid_kid
 from components.models import create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread avoids contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    write_raw(builtin_digits(), root / "raw")
-    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
+def digits_dir(digits_root: Path) -> Path:
+    """The session's prepared digits plus a quickly trained featurizer."""
     train_featurizer(
-        root / "prepared", root / "featurizer", feature_dim=32, epochs=8, batch_size=128, lr=2e-3, seed=0
+        digits_root / "prepared",
+        digits_root / "featurizer",
+        feature_dim=32,
+        epochs=8,
+        batch_size=128,
+        lr=2e-3,
+        seed=0,
     )
-    return root
-
-
-@pytest.fixture(scope="module")
-def digits(digits_dir: Path) -> PreparedData:
-    return load_prepared(digits_dir / "prepared")
+    return digits_root
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from components.data.prepared import PreparedData, load_prepared, prepare
-from components.data.raw import builtin_digits, write_raw
+from components.data.prepared import PreparedData
 from components.models import create_model
 from components.models.adversarial import AdversarialModel, gradient_penalty, r1_penalty
 from components.training.trainer import (
@@ -35,21 +34,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> PreparedData:
-    root = tmp_path_factory.mktemp("digits")
-    write_raw(builtin_digits(), root / "raw")
-    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
-    return load_prepared(root / "prepared")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(module: nn.Module) -> list[torch.Tensor]:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.data.prepared import PreparedData, load_prepared, prepare
-from components.data.raw import builtin_digits, write_raw
+from components.data.prepared import PreparedData
 from components.models import ReconstructionModel, create_model
 from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training, save_model_dir
 
@@ -16,21 +15,7 @@ FAMILIES = ("ae", "dae", "vaegan")
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 12, 10)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> PreparedData:
-    root = tmp_path_factory.mktemp("digits")
-    write_raw(builtin_digits(), root / "raw")
-    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
-    return load_prepared(root / "prepared")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sse(a: torch.Tensor, b: torch.Tensor) -> float:

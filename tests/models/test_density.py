@@ -12,8 +12,6 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from components.data.prepared import PreparedData, load_prepared, prepare
-from components.data.raw import builtin_digits, write_raw
 from components.models import create_model
 from components.models.autoregressive import AutoregressiveBernoulli, bernoulli_log_prob
 from components.models.families.made import MADE
@@ -36,13 +34,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(
@@ -177,14 +169,6 @@ def test_log_prob_rejects_images_of_another_shape(name):
     model = create_model(name, (1, 4, 4))
     with pytest.raises(ValueError, match=r"N x 1 x 4 x 4, got \(2, 1, 4, 5\)"):
         model.log_prob(torch.zeros(2, 1, 4, 5))
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> PreparedData:
-    root = tmp_path_factory.mktemp("digits")
-    write_raw(builtin_digits(), root / "raw")
-    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
-    return load_prepared(root / "prepared")
 
 
 # Small enough to train in a few seconds on one core; the untrained models score about 44 nats.

@@ -12,17 +12,6 @@ from components.models import create_model
 from components.training.trainer import LocalContext, TrainJob, load_model_dir, read_outcome, run_training
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from components.data.prepared import load_prepared, prepare
-    from components.data.raw import builtin_digits, write_raw
-
-    root = tmp_path_factory.mktemp("digits")
-    write_raw(builtin_digits(), root / "raw")
-    prepare(root / "raw", root / "prepared", 0.1, 0.2, 0)
-    return load_prepared(root / "prepared")
-
-
 def vae_job(digits, epochs: int) -> TrainJob:
     spec = create_model("vae", digits.image_shape, latent_dim=4, channels=8, hidden=32).spec
     return TrainJob(
