@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 
@@ -61,3 +62,30 @@ class ConvDecoder(nn.Module):
 def gaussian_log_density(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
     """Log N(x; mean, exp(log_var)) summed over the last dimension."""
     return (-0.5 * ((x - mean) ** 2 / log_var.exp() + log_var + math.log(2 * math.pi))).sum(-1)
+
+
+class GaussianLatent:
+    """Mix-in for models whose `encoder` predicts the mean and log-variance of a Gaussian q(z|x)
+    (reparameterisation trick, Kingma & Welling 2013) and whose `decoder` maps codes to pixel logits."""
+
+    latent_dim: int
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of q(z|x)."""
+        mean, log_var = self.encoder(x).chunk(2, dim=1)
+        return mean, log_var.clamp(-12.0, 8.0)
+
+    def posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """A reparameterised code for each image and its KL divergence from N(0, I)."""
+        mean, log_var = self.posterior(x)
+        z = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+        return z, kl
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.posterior(x)[0]
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(z))

@@ -14,36 +14,23 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from components.models.base import LatentVariableModel
-from components.models.layers import ConvDecoder, ConvEncoder, gaussian_log_density
+from components.models.layers import ConvDecoder, ConvEncoder, GaussianLatent, gaussian_log_density
 from components.models.registry import register_model
 
 
 @register_model("vae")
-class ConvVAE(LatentVariableModel):
+class ConvVAE(GaussianLatent, LatentVariableModel):
     def __init__(self, image_shape, *, latent_dim: int = 16, channels: int = 32, hidden: int = 256):
         super().__init__(image_shape)
         self.latent_dim = latent_dim
         self.encoder = ConvEncoder(self.image_shape, 2 * latent_dim, channels=channels, hidden=hidden)
         self.decoder = ConvDecoder(self.image_shape, latent_dim, channels=channels, hidden=hidden)
 
-    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and log-variance of q(z|x)."""
-        mean, log_var = self.encoder(x).chunk(2, dim=1)
-        return mean, log_var.clamp(-12.0, 8.0)
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.posterior(x)[0]
-
-    def decode(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(z))
-
     def _log_likelihood(self, logits: Tensor, x: Tensor) -> Tensor:
         return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
     def elbo(self, x: Tensor) -> Tensor:
-        mean, log_var = self.posterior(x)
-        z = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
-        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+        z, kl = self.posterior_sample(x)
         return self._log_likelihood(self.decoder(z), x) - kl
 
     def importance_weighted_bound(self, x: Tensor, num_samples: int) -> Tensor:

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from components.models.base import ReconstructionModel
 from components.models.families.ae import reconstruction_sse
-from components.models.layers import ConvDecoder, ConvEncoder, downsampled_size
+from components.models.layers import ConvDecoder, ConvEncoder, GaussianLatent, downsampled_size
 from components.models.registry import register_model
 
 
@@ -65,7 +65,7 @@ def _feature_nll(real_features: Tensor, fake_features: Tensor) -> Tensor:
 
 
 @register_model("vaegan")
-class VAEGAN(ReconstructionModel):
+class VAEGAN(GaussianLatent, ReconstructionModel):
     phases: ClassVar[tuple[str, ...]] = ("encoder", "decoder", "discriminator")
 
     def __init__(
@@ -103,24 +103,6 @@ class VAEGAN(ReconstructionModel):
             ),
         }
 
-    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and log-variance of q(z|x)."""
-        mean, log_var = self.encoder(x).chunk(2, dim=1)
-        return mean, log_var.clamp(-12.0, 8.0)
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.posterior(x)[0]
-
-    def decode(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(z))
-
-    def _posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """A reparameterised code for each image and its KL divergence from the prior."""
-        mean, log_var = self.posterior(x)
-        z = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
-        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
-        return z, kl
-
     def _prior_sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
 
@@ -134,7 +116,7 @@ class VAEGAN(ReconstructionModel):
         raise ValueError(f"vaegan: unknown phase {phase!r}; expected one of {', '.join(self.phases)}")
 
     def _encoder_loss(self, x: Tensor) -> dict[str, Tensor]:
-        z, kl = self._posterior_sample(x)
+        z, kl = self.posterior_sample(x)
         with torch.no_grad():
             real_features, _ = self.discriminator(x)
         fake_features, _ = frozen(self.discriminator, torch.sigmoid(frozen(self.decoder, z)))
@@ -144,7 +126,7 @@ class VAEGAN(ReconstructionModel):
 
     def _decoder_loss(self, x: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
-            z, _ = self._posterior_sample(x)
+            z, _ = self.posterior_sample(x)
             real_features, _ = self.discriminator(x)
         reconstruction_features, reconstruction_logits = frozen(self.discriminator, self.decode(z))
         _, prior_logits = frozen(self.discriminator, self.decode(self._prior_sample(len(x))))
@@ -155,7 +137,7 @@ class VAEGAN(ReconstructionModel):
 
     def _discriminator_loss(self, x: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():  # fakes without a graph: this phase's backward never reaches Enc or Dec
-            z, _ = self._posterior_sample(x)
+            z, _ = self.posterior_sample(x)
             reconstructions = self.decode(z)
             prior_samples = self.decode(self._prior_sample(len(x)))
         _, real = self.discriminator(x)
@@ -165,7 +147,7 @@ class VAEGAN(ReconstructionModel):
         return {"loss": loss, "d_real": torch.sigmoid(real).mean().detach()}
 
     def validation_metrics(self, x: Tensor) -> dict[str, Tensor]:
-        _, kl = self._posterior_sample(x)
+        _, kl = self.posterior_sample(x)
         return {"val_reconstruction_sse": reconstruction_sse(self, x), "val_kl": kl.mean()}
 
     @torch.no_grad()
