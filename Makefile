@@ -34,3 +34,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) prepared artifacts ray_results mlruns mlflow.db
+
+# Local server stack on 127.0.0.1 (MLflow with basic auth, Prefect, a 2-node Ray); see infra/README.md.
+.PHONY: stack-up stack-down
+stack-up: $(STAMP)
+	GENPIPE_BIN=$(BIN) infra/stack/up.sh
+
+stack-down: $(STAMP)
+	GENPIPE_BIN=$(BIN) infra/stack/down.sh
