@@ -216,8 +216,9 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             scaling(inputs.params).workers,
             job.epochs,
         )
-        output_dir = Path(inputs.project_dir) / "outputs" / planned.ray_run_name
-        outcome = train_model(job, data, inputs.params, run_name=planned.ray_run_name, output_dir=output_dir)
+        outcome = train_model(
+            job, data, inputs.params, project_dir=Path(inputs.project_dir), run_name=planned.ray_run_name
+        )
         run.log_history(outcome.history)
         last = outcome.history[-1] if outcome.history else {}
         logger.info(
@@ -226,7 +227,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             outcome.steps,
             {k: round(v, 4) for k, v in last.items() if k not in ("epoch", "step")},
         )
-    return Trained(model, planned.fingerprint, run.run_id, str(output_dir))
+    return Trained(model, planned.fingerprint, run.run_id, str(outcome.model_dir))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{trained.model}")

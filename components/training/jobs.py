@@ -48,19 +48,30 @@ def scaling(params: dict[str, Any]) -> Scaling:
     return Scaling(workers=int(train["workers"]), gpus_per_worker=train["gpus_per_worker"])
 
 
+def storage_path(params: dict[str, Any], project_dir: Path) -> str:
+    """`train.storage_path` as Ray needs it: a URI as it is, a relative path inside the project."""
+    configured = str(params["train"]["storage_path"])
+    if "://" in configured or Path(configured).is_absolute():
+        return configured
+    return str(Path(project_dir).resolve() / configured)
+
+
 def train_model(
-    job: TrainJob, data: PreparedData, params: dict[str, Any], *, run_name: str, output_dir: Path
+    job: TrainJob, data: PreparedData, params: dict[str, Any], *, project_dir: Path, run_name: str
 ) -> TrainOutcome:
-    """Train on Ray; raises TrainingDiverged when the loss blew up."""
+    """Train on Ray; the final weights land in `<project>/outputs/<run_name>`.
+
+    Raises TrainingDiverged when the loss blew up.
+    """
     kind = model_class(job.spec.name).data_kind
     outcome = train_on_ray(
         job,
         data.train.images,
         data.val.for_kind(kind),
         scaling=scaling(params),
-        storage_path=params["train"]["storage_path"],
+        storage_path=storage_path(params, project_dir),
         run_name=run_name,
-        output_dir=output_dir,
+        output_dir=Path(project_dir) / "outputs" / run_name,
     )
     if outcome.diverged:
         raise TrainingDiverged(f"model {job.spec.name!r} diverged: {outcome.diverged}")
