@@ -16,10 +16,7 @@ on the training split (no dependencies at all), and a mixture with one component
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
-import platform
 import re
 import shlex
 import statistics
@@ -31,16 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import load_data, machine, write_results
 
-from components.data.importers import read_dataset
-from components.data.prepared import PreparedData, load_prepared, prepare
-from components.data.raw import DataError, RawDataset, builtin_digits, write_raw
+from components.data.prepared import PreparedData
 from components.models import DensityModel, LatentVariableModel, bits_per_dim, create_model
 from components.models.autoregressive import AutoregressiveBernoulli
 from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training
 
 RESULTS = Path(__file__).with_name("RESULTS-density.md")
-ANALYSIS_HEADING = "## Analysis"
 IMPORTANCE_SAMPLES = 100
 EVAL_BATCH = 500
 
@@ -70,24 +65,6 @@ class Row:
     train_seconds: float  # mean over seeds, as are the two below
     samples_per_second: float
     sample_seconds: float
-
-
-def load_data(path: str | None, max_images: int | None, work: Path) -> PreparedData:
-    try:
-        raw = builtin_digits() if path is None else read_dataset(Path(path))
-    except DataError as err:
-        raise SystemExit(f"bench/density.py --data: {err}") from err
-    if max_images is not None and max_images < len(raw.images):
-        keep = np.random.default_rng(0).permutation(len(raw.images))[:max_images]
-        labels = None if raw.labels is None else raw.labels[keep]
-        raw = RawDataset(raw.images[keep], labels, raw.name, raw.source)
-    if raw.images.shape[1] != 1:
-        raise SystemExit(
-            f"{path}: the likelihood families model 1-channel images, found {raw.images.shape[1]}"
-        )
-    write_raw(raw, work / "raw")
-    prepare(work / "raw", work / "prepared", 0.1, 0.2, 0)
-    return load_prepared(work / "prepared")
 
 
 @torch.no_grad()
@@ -207,31 +184,6 @@ def table(rows: list[Row], dims: int) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
-        ]
-        cpu = names[0] if names else cpu
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} using {torch.get_num_threads()} thread(s), "
-        f"Python {platform.python_version()}, {datetime.date.today().isoformat()}, "
-        f"1-minute load average {os.getloadavg()[0]:.1f} at the end (other jobs share this machine)"
-    )
-
-
-def write_results(report: str) -> None:
-    """Replace the measured part of the results file; keep the hand-written analysis below it."""
-    analysis = ""
-    if RESULTS.exists():
-        old = RESULTS.read_text()
-        if ANALYSIS_HEADING in old:
-            analysis = "\n" + old[old.index(ANALYSIS_HEADING) :]
-    RESULTS.write_text(report + "\n" + analysis)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -256,6 +208,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-density-") as tmp:
         work = Path(tmp)
         data = load_data(args.data, args.max_images, work)
+        if data.image_shape[0] != 1:
+            raise SystemExit(
+                f"{args.data}: the likelihood families model 1-channel images, found {data.image_shape}"
+            )
         dims = math.prod(data.image_shape)
         # One untimed epoch first, so the first timed model does not pay for one-time initialisation.
         warm_up = argparse.Namespace(**{**vars(args), "epochs": 1})
@@ -293,7 +249,7 @@ References on the same test split (not learned by gradient descent):
 """
     print(report)
     if not args.no_write:
-        write_results(report)
+        write_results(RESULTS, report)
 
 
 if __name__ == "__main__":

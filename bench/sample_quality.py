@@ -25,14 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from density import machine  # same machine description as the density benchmark
+from common import load_data, machine, write_results
 
 from components.config import load_params
-from components.data.importers import read_dataset
-from components.data.prepared import PreparedData, load_prepared, prepare
-from components.data.raw import RawDataset, builtin_digits, write_raw
+from components.data.prepared import PreparedData
 from components.evaluation.evaluate import EvaluationSettings, evaluate_model, feature_extractor
 from components.evaluation.featurizer import train_featurizer
 from components.evaluation.images import save_grid
@@ -44,7 +41,6 @@ from components.training.trainer import LocalContext, TrainJob, load_model_dir, 
 
 RESULTS = Path(__file__).with_name("RESULTS-sample-quality.md")
 IMAGES = Path(__file__).with_name("results")
-ANALYSIS_HEADING = "## Analysis"
 SPEED_SAMPLES = 1000  # images drawn in one call to time sampling
 
 
@@ -59,18 +55,6 @@ class Row:
     sample_images_per_second: float
     samples_png: str
     real_png: str
-
-
-def load_data(path: str | None, max_images: int | None, work: Path) -> PreparedData:
-    raw = builtin_digits() if path is None else read_dataset(Path(path))
-    if max_images is not None and max_images < len(raw.images):
-        keep = np.random.default_rng(0).permutation(len(raw.images))[:max_images]
-        raw = RawDataset(
-            raw.images[keep], None if raw.labels is None else raw.labels[keep], raw.name, raw.source
-        )
-    write_raw(raw, work / "raw")
-    prepare(work / "raw", work / "prepared", 0.1, 0.2, 0)
-    return load_prepared(work / "prepared")
 
 
 def families(requested: list[str] | None) -> list[str]:
@@ -163,13 +147,6 @@ def gallery(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_results(report: str) -> None:
-    """Replace the measured part of the results file; keep the hand-written analysis below it."""
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    analysis = "\n" + old[old.index(ANALYSIS_HEADING) :] if ANALYSIS_HEADING in old else ""
-    RESULTS.write_text(report + analysis)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -238,7 +215,7 @@ Grids: 64 test images next to 64 samples of each model (binary models against th
 """
     print(report)
     if not args.no_write:
-        write_results(report)
+        write_results(RESULTS, report)
 
 
 if __name__ == "__main__":
