@@ -51,6 +51,9 @@ class TrainJob:
     def spec(self) -> ModelSpec:
         return ModelSpec.from_dict(self.model)
 
+    def checkpoint_due(self, step: int) -> bool:
+        return self.checkpoint_every_steps > 0 and step % self.checkpoint_every_steps == 0
+
 
 @dataclass
 class TrainOutcome:
@@ -213,7 +216,9 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
                     sums[name] = sums.get(name, 0.0) + value.detach().float()
                     counts[name] = counts.get(name, 0) + 1
             step += 1
-            if job.checkpoint_every_steps and step % job.checkpoint_every_steps == 0:
+            # One due on the epoch's last batch waits for the epoch's metrics (below): saved here, a
+            # resume would find the epoch done but not in the history, and lose its training metrics.
+            if job.checkpoint_due(step) and batch_index + 1 < steps_per_epoch:
                 _checkpoint(ctx, model, optimizers, step, epoch, history, {"step": step})
         metrics = _epoch_metrics(sums, counts, ctx)
         # Every rank sees the same all-reduced training metrics, so all of them stop together.
@@ -227,7 +232,10 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
         if bad:
             diverged = f"{', '.join(bad)} became non-finite at epoch {epoch + 1} (step {step})"
             break
-        ctx.report(metrics, None)
+        if job.checkpoint_due(step):
+            _checkpoint(ctx, model, optimizers, step, epoch + 1, history, metrics)
+        else:
+            ctx.report(metrics, None)
 
     model.eval()
     if ctx.rank == 0 and diverged is None:
