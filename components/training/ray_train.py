@@ -23,6 +23,17 @@ from ray.train.torch import TorchTrainer
 
 from components.training.trainer import TrainJob, TrainOutcome, read_outcome, run_training
 
+# Ray Train V2's controller collects at most one report per worker per poll, one poll every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and `ray.train.report` blocks while the worker's
+# previous report is uncollected: with epochs shorter than that, training mostly waits. Ray forwards
+# the variable from the driver to the controller and the workers.
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
+
+
+def collect_reports_promptly() -> None:
+    """Let Ray collect reports every 0.1 s unless the environment already says otherwise."""
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+
 
 @dataclass
 class Scaling:
@@ -99,6 +110,7 @@ def train_on_ray(
     checkpoint instead of starting over.
     """
     storage = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
+    collect_reports_promptly()
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"job": asdict(job), "train": ray.put(x_train), "val": ray.put(x_val)},
