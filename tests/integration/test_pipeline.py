@@ -124,6 +124,31 @@ def test_status_and_sample_read_the_registry(trained_project, tmp_path):
     assert Image.open(output).size[0] > 8 * 4
 
 
+def test_lineage_manual_promotion_and_rollback_from_the_command_line(trained_project):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    client = client_for(trained_project)
+    runner = CliRunner()
+    result = runner.invoke(app, ["lineage", "vae", "1", "-C", str(trained_project)], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    commit = client.get_model_version("digits.vae", "1").tags["git_commit"]
+    assert f"git checkout {commit}" in result.output and "dvc pull" in result.output
+    assert "genpipe run --models vae --force" in result.output
+    result = runner.invoke(app, ["promote", "vae", "2", "--reason", "drill", "-C", str(trained_project)])
+    assert result.exit_code == 0, result.output
+    assert str(client.get_model_version_by_alias("digits.vae", CHAMPION).version) == "2"
+    production = client.get_model_version_by_alias("prod.digits.vae", CHAMPION)
+    assert production.tags["source_version"] == "2"
+    result = runner.invoke(app, ["rollback", "digits.vae", "-C", str(trained_project)])
+    assert result.exit_code == 0, result.output
+    assert str(client.get_model_version_by_alias("digits.vae", CHAMPION).version) == "1"
+    result = runner.invoke(app, ["promote", "vae", "99", "--reason", "typo", "-C", str(trained_project)])
+    assert result.exit_code == 1 and "digits.vae v99" in result.output
+    assert str(client.get_model_version_by_alias("digits.vae", CHAMPION).version) == "1"
+
+
 def test_unchanged_inputs_are_skipped_and_force_retrains(trained_project):
     first = run_flow(trained_project, ["vae"])
     assert first.is_completed(), first.message
