@@ -63,6 +63,7 @@ class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     diverged: str | None = None  # why training stopped early, if it did
+    resumed_from_step: int = 0  # the checkpoint's step when a restarted run continued, else 0
 
 
 class WorkerContext(Protocol):
@@ -172,12 +173,14 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
         model = model.to(memory_format=torch.channels_last)
     optimizers = model.configure_optimizers(job.lr)
     autocast_dtype = resolve_precision(job.precision, ctx.device)
-    step, start_epoch, history = 0, 0, []
+    step, start_epoch, record = 0, 0, {"history": [], "resumed_from_step": 0}
     seed_everything(job.seed + 7919 * (ctx.rank + 1))  # ranks draw different noise
     with ctx.restored_checkpoint() as restored:
         if restored is not None:
-            step, start_epoch, history = _restore(restored, model, optimizers, ctx)
+            step, start_epoch, record = _restore(restored, model, optimizers, ctx)
+            record["resumed_from_step"] = step
             seed_everything(job.seed + 7919 * (ctx.rank + 1) + step)
+    history = record["history"]
     network = _distribute(model, ctx)
     if job.compile:
         network = torch.compile(network)
@@ -219,7 +222,7 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
             # One due on the epoch's last batch waits for the epoch's metrics (below): saved here, a
             # resume would find the epoch done but not in the history, and lose its training metrics.
             if job.checkpoint_due(step) and batch_index + 1 < steps_per_epoch:
-                _checkpoint(ctx, model, optimizers, step, epoch, history, {"step": step})
+                _checkpoint(ctx, model, optimizers, step, epoch, record, {"step": step})
         metrics = _epoch_metrics(sums, counts, ctx)
         # Every rank sees the same all-reduced training metrics, so all of them stop together.
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
@@ -233,7 +236,7 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
             diverged = f"{', '.join(bad)} became non-finite at epoch {epoch + 1} (step {step})"
             break
         if job.checkpoint_due(step):
-            _checkpoint(ctx, model, optimizers, step, epoch + 1, history, metrics)
+            _checkpoint(ctx, model, optimizers, step, epoch + 1, record, metrics)
         else:
             ctx.report(metrics, None)
 
@@ -241,7 +244,7 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
     if ctx.rank == 0 and diverged is None:
         model.fit_after_training(train)
     final = {"step": step, "diverged": 1.0 if diverged else 0.0}
-    _checkpoint(ctx, model, optimizers, step, job.epochs, history, final, reason=diverged)
+    _checkpoint(ctx, model, optimizers, step, job.epochs, record, final, reason=diverged)
 
 
 def _distribute(model: GenerativeModel, ctx: WorkerContext) -> nn.Module:
@@ -267,7 +270,7 @@ def _epoch_metrics(sums: dict[str, Tensor], counts: dict[str, int], ctx: WorkerC
     return dict(zip(names, (totals / denominators).tolist(), strict=True))
 
 
-def _checkpoint(ctx: WorkerContext, model, optimizers, step, epoch, history, metrics, reason=None) -> None:
+def _checkpoint(ctx: WorkerContext, model, optimizers, step, epoch, record, metrics, reason=None) -> None:
     if ctx.rank != 0:
         ctx.report(metrics, None)
         return
@@ -280,21 +283,23 @@ def _checkpoint(ctx: WorkerContext, model, optimizers, step, epoch, history, met
             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
         }
         torch.save(state, directory / STATE_FILE)
-        (directory / HISTORY_FILE).write_text(json.dumps({"history": history, "diverged": reason}, indent=2))
+        (directory / HISTORY_FILE).write_text(json.dumps({**record, "diverged": reason}, indent=2))
         ctx.report(metrics, directory)
 
 
-def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[int, int, list]:
+def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[int, int, dict]:
     load_model(model, str(directory / WEIGHTS_FILE), device=str(ctx.device))
     state = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])
-    history = json.loads((directory / HISTORY_FILE).read_text())["history"]
-    return state["step"], state["epoch"], history
+    record = json.loads((directory / HISTORY_FILE).read_text())
+    return state["step"], state["epoch"], {"history": record["history"], "resumed_from_step": 0}
 
 
 def read_outcome(checkpoint_dir: Path) -> TrainOutcome:
     """The outcome recorded in a final checkpoint written by `run_training`."""
     record = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
     steps = record["history"][-1]["step"] if record["history"] else 0
-    return TrainOutcome(checkpoint_dir, record["history"], steps, record["diverged"])
+    return TrainOutcome(
+        checkpoint_dir, record["history"], steps, record["diverged"], record.get("resumed_from_step", 0)
+    )

@@ -41,6 +41,7 @@ def test_training_resumes_from_its_checkpoint(digits, tmp_path):
     assert resumed.steps == 3 * steps_per_epoch
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[0] == short.history[0]
+    assert resumed.resumed_from_step == steps_per_epoch and short.resumed_from_step == 0
 
 
 def test_unknown_model_and_hyperparameter_are_named():
