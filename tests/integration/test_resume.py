@@ -1,0 +1,72 @@
+"""`genpipe run --resume` after the pipeline process was killed: training continues from the last Ray
+checkpoint, and the model is registered exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from components.registry.tracking import resolve_tracking_uri
+
+pytestmark = pytest.mark.integration
+
+GENPIPE = str(Path(sys.executable).parent / "genpipe")
+
+
+def genpipe_env(ray_instance) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "RAY_ADDRESS": ray_instance.get_runtime_context().gcs_address,
+    }
+
+
+def test_resume_after_the_driver_dies_continues_and_registers_once(
+    tmp_path, ray_instance, prefect_server, project_factory
+):
+    project = project_factory(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(checkpoint_every_steps=5, epochs=30)
+    params["evaluate"].update(num_samples=100, importance_samples=5)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [GENPIPE, "run", "--models", "vae", "-C", str(project)]
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(
+        command, env=genpipe_env(ray_instance), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not list((project / "ray_results").glob("*/checkpoint_*")):
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was written in time"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the whole pipeline process dies mid-training
+    driver.wait()
+    assert list((project / "outputs" / "unfinished").glob("vae-*.json")), "the ledger remembers the run"
+
+    resumed = subprocess.run(
+        [*command, "--resume"], env=genpipe_env(ray_instance), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    uri = resolve_tracking_uri(None, project)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (version,) = client.search_model_versions("name = 'digits.vae'")
+    run = client.get_run(version.run_id)
+    assert int(run.data.tags["resumed_from_step"]) > 0
+    assert run.data.metrics["train/model_loss"] > 0
+    assert len(client.get_metric_history(version.run_id, "train/model_loss")) == 30
+
+    again = subprocess.run(
+        [*command, "--resume"], env=genpipe_env(ray_instance), capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert len(client.search_model_versions("name = 'digits.vae'")) == 1
