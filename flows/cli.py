@@ -18,7 +18,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Bring data under version control.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+# Rich assumes 80 columns when output is not a terminal; logs and CI have room for wider tables.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ProjectDir = Annotated[Path, typer.Option("--project-dir", "-C", help="Project directory with params.yaml.")]
 
@@ -158,7 +159,7 @@ def status(
     for column in rows[0]:
         table.add_column(column.replace("_", " "))
     for row in rows:
-        table.add_row(*(str(value) for value in row.values()))
+        table.add_row(*(str(value) for value in {**row, "data_version": row["data_version"][:12]}.values()))
     console.print(table)
 
 

@@ -321,4 +321,4 @@ def registry_status(client: MlflowClient) -> list[dict[str, str]]:
 
 
 def _timestamp(milliseconds: int) -> str:
-    return dt.datetime.fromtimestamp(milliseconds / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(milliseconds / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%MZ")
