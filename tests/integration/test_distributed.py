@@ -29,6 +29,7 @@ import pytest
 import ray
 import torch
 from ray import cloudpickle
+from ray_checkpoints import registered_step
 from torch.overrides import TorchFunctionMode
 
 from components.config import load_params
@@ -370,20 +371,6 @@ def checkpoint_steps(run_dir: Path, known: dict[str, int]) -> None:
         if directory.name not in known:
             with contextlib.suppress(OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # mid-copy
                 known[directory.name] = torch.load(directory / STATE_FILE, weights_only=True)["step"]
-
-
-def registered_step(run_dir: Path) -> int:
-    """Step of the latest checkpoint that Ray Train's controller has registered, from its own record.
-
-    Only such a checkpoint is handed to a restarted worker group, and one already in storage is
-    registered only at the controller's next poll of the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S).
-    """
-    with contextlib.suppress(OSError, ValueError):
-        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())[
-            "latest_checkpoint_result"
-        ]
-        return latest["metrics"]["step"] if latest else 0
-    return 0
 
 
 def test_killed_worker_resumes_from_the_latest_checkpoint(digits, two_node_run, ray_instance, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray_checkpoints import registered_step
 
 from components.registry.tracking import resolve_tracking_uri
 
@@ -45,7 +46,8 @@ def test_resume_after_the_driver_dies_continues_and_registers_once(
         command, env=genpipe_env(ray_instance), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     deadline = time.monotonic() + 240
-    while not list((project / "ray_results").glob("*/checkpoint_*")):
+    # Ray resumes only from checkpoints its controller has registered, not from any directory written.
+    while not any(registered_step(run) for run in (project / "ray_results").glob("*")):
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint was written in time"
         time.sleep(0.5)
