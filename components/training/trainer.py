@@ -179,7 +179,8 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
         if restored is not None:
             step, start_epoch, record = _restore(restored, model, optimizers, ctx)
             record["resumed_from_step"] = step
-            seed_everything(job.seed + 7919 * (ctx.rank + 1) + step)
+            if ctx.rank != 0:  # only rank 0's random stream is saved; the others re-derive theirs
+                seed_everything(job.seed + 7919 * (ctx.rank + 1) + step)
     history = record["history"]
     network = _distribute(model, ctx)
     if job.compile:
@@ -281,6 +282,7 @@ def _checkpoint(ctx: WorkerContext, model, optimizers, step, epoch, record, metr
             "step": step,
             "epoch": epoch,
             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "rng": torch.get_rng_state(),  # rank 0's stream; the other ranks re-derive theirs from the step
         }
         torch.save(state, directory / STATE_FILE)
         (directory / HISTORY_FILE).write_text(json.dumps({**record, "diverged": reason}, indent=2))
@@ -292,6 +294,8 @@ def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[in
     state = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])
+    if ctx.rank == 0:
+        torch.set_rng_state(state["rng"].cpu())  # a single worker continues exactly where it stopped
     record = json.loads((directory / HISTORY_FILE).read_text())
     return state["step"], state["epoch"], {"history": record["history"], "resumed_from_step": 0}
 

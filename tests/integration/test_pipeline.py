@@ -149,6 +149,17 @@ def test_lineage_manual_promotion_and_rollback_from_the_command_line(trained_pro
     assert str(client.get_model_version_by_alias("digits.vae", CHAMPION).version) == "1"
 
 
+def test_an_overlapping_run_skips_while_another_holds_the_project_lock(trained_project):
+    from filelock import FileLock
+
+    versions = len(client_for(trained_project).search_model_versions("name = 'digits.vae'"))
+    with FileLock(trained_project / ".genpipe.lock"):
+        state = run_flow(trained_project, ["vae"], epochs=2)
+    assert state.is_completed() and "another genpipe run holds" in state.message
+    assert [row["status"] for row in state.result(raise_on_failure=False)] == ["skipped"]
+    assert len(client_for(trained_project).search_model_versions("name = 'digits.vae'")) == versions
+
+
 def test_unchanged_inputs_are_skipped_and_force_retrains(trained_project):
     first = run_flow(trained_project, ["vae"])
     assert first.is_completed(), first.message

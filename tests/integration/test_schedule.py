@@ -132,6 +132,30 @@ def test_served_deployment_trains_then_skips_when_nothing_changed(
         assert second.state.is_completed(), second.state.message
         assert second.state.message == "0 model(s) trained, 1 skipped"
         assert len(registry.search_model_versions("name = 'digits.vae'")) == 1
+
+        async def scheduled_runs():
+            from prefect.client.schemas.filters import (
+                DeploymentFilter,
+                DeploymentFilterId,
+                FlowRunFilter,
+                FlowRunFilterState,
+                FlowRunFilterStateType,
+            )
+            from prefect.client.schemas.objects import StateType
+
+            async with get_client() as client:
+                return await client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+                    ),
+                )
+
+        # The server's scheduler creates the upcoming nightly runs (it wakes up about once a minute).
+        upcoming = wait_until(lambda: asyncio.run(scheduled_runs()), 120, "scheduled runs")
+        assert all(
+            run.expected_start_time.hour == 3 and run.expected_start_time.minute == 0 for run in upcoming
+        )
     finally:
         server.terminate()
         server.wait(timeout=60)

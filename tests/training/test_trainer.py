@@ -41,6 +41,12 @@ def test_training_resumes_from_its_checkpoint(digits, tmp_path):
     assert resumed.steps == 3 * steps_per_epoch
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[0] == short.history[0]
+    uninterrupted, model = train(digits, vae_job(digits, 3), tmp_path / "straight")
+    assert resumed.history == uninterrupted.history  # weights, optimiser and random state all restored
+    for (name, a), (_, b) in zip(
+        load_model_dir(tmp_path / "run").state_dict().items(), model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
     assert resumed.resumed_from_step == steps_per_epoch and short.resumed_from_step == 0
 
 
