@@ -84,10 +84,8 @@ class LocalContext:
     def __init__(self, output_dir: Path, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.output_dir = Path(output_dir)
-        self.reports: list[dict[str, float]] = []
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        self.reports.append(metrics)
         if checkpoint_dir is not None:
             copy_tree(checkpoint_dir, self.output_dir)
 
@@ -236,10 +234,10 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
         if bad:
             diverged = f"{', '.join(bad)} became non-finite at epoch {epoch + 1} (step {step})"
             break
+        # Only checkpoints are reported: Ray Train V2 keeps just the metrics that come with one, and every
+        # report costs a wait for the controller's next poll.
         if job.checkpoint_due(step):
             _checkpoint(ctx, model, optimizers, step, epoch + 1, record, metrics)
-        else:
-            ctx.report(metrics, None)
 
     model.eval()
     if ctx.rank == 0 and diverged is None:
