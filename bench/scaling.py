@@ -7,14 +7,14 @@ it measures training samples/s in the steady state, after start-up:
   (b) genpipe's `run_training` under Ray Train with one worker, as `train_on_ray` runs it;
   (c) the same with two workers (DDP over gloo, one CPU each; global batch = 2 x 64).
 
-(b) and (c) train every family one after the other inside one Ray Train run, through a `RayContext`
-that timestamps each per-epoch report. (a) runs in the same worker process just before and just after
+(b) and (c) train every family one after the other inside one Ray Train run, twice: for one epoch and
+for E epochs; their difference is the time of epochs 2..E, which leaves model building, the first
+epoch and the final checkpoint out. (a) runs in the same worker process just before and just after
 (b), on the same single torch thread, so a shared machine's changing load hits both alike; it touches
-no Ray. Throughput is that of the median epoch of 2..E (of both runs for (a)), which leaves model
-building, the first epoch and most load spikes out. The fixed costs are reported separately: Ray's start-up, and a TorchTrainer
+no Ray; its throughput is that of the median epoch of 2..E of both runs. The fixed costs are reported separately: Ray's start-up, and a TorchTrainer
 run's cost before the worker function starts and after it ends.
 (b) pays for what the trainer does besides the minimal loop: dynamic binarisation, the per-epoch
-metrics all-reduce and validation on rank 0, and the reports to Ray.
+metrics all-reduce and validation on rank 0 (it reports to Ray only with checkpoints).
 
     .venv/bin/python bench/scaling.py                       # all families: ~4 minutes on 2 CPU cores
     .venv/bin/python bench/scaling.py --families vae gan --report-poll-s 2.0   # Ray's default polling
@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +53,8 @@ ANALYSIS_HEADING = "## Analysis"
 LR = 1e-3
 
 
-class TimedContext(RayContext):
-    """`RayContext` that notes when each per-epoch report is made (before Ray may block it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.epoch_reports: list[float] = []
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        if "epoch" in metrics:
-            self.epoch_reports.append(time.perf_counter())
-        super().report(metrics, checkpoint_dir)
+class FreshContext(RayContext):
+    """`RayContext` in which every training starts afresh."""
 
     def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
         # Ray hands back the last checkpoint this run reported, i.e. the previous family's: start afresh.
@@ -102,7 +94,7 @@ def _bench_worker(config: dict) -> None:
     plain, trainer, ctx = {}, {}, None
     for family in config["families"]:
         binary = model_class(family).data_kind == "binary"
-        ctx = TimedContext()
+        ctx = FreshContext()
         x = data["train_binary"] if binary else train
         plain_seconds = (
             plain_loop(family, x, config["epochs"], config["batch_size"]) if ctx.world_size == 1 else []
@@ -115,9 +107,15 @@ def _bench_worker(config: dict) -> None:
             lr=LR,
             checkpoint_every_steps=0,
         )
-        run_training(job, train, data["val_binary"] if binary else data["val"], ctx)
+        val = data["val_binary"] if binary else data["val"]
+        seconds = {}
+        for epochs in (1, config["epochs"]):
+            started = time.perf_counter()
+            run_training(replace(job, epochs=epochs), train, val, ctx)
+            seconds[epochs] = time.perf_counter() - started
         shard = math.ceil(len(train) / ctx.world_size)  # DistributedSampler pads to equal shards
-        trainer[family] = median_rate(ctx.world_size * shard, np.diff(ctx.epoch_reports).tolist())
+        later_epochs = seconds[config["epochs"]] - seconds[1]
+        trainer[family] = (config["epochs"] - 1) * ctx.world_size * shard / later_epochs
         if plain_seconds:
             plain_seconds += plain_loop(family, x, config["epochs"], config["batch_size"])
             plain[family] = median_rate(len(x), plain_seconds)
