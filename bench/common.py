@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -15,6 +16,14 @@ from components.data.prepared import PreparedData, load_prepared, prepare
 from components.data.raw import DataError, RawDataset, builtin_digits, write_raw
 
 ANALYSIS_HEADING = "## Analysis"
+
+
+def data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose what `load_data` loads."""
+    parser.add_argument(
+        "--data", help="IDX file or folder (or .npz / image folder); default: built-in digits"
+    )
+    parser.add_argument("--max-images", type=int, help="use a random subset of this many images")
 
 
 def load_data(path: str | None, max_images: int | None, work: Path) -> PreparedData:

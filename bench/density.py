@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import load_data, machine, write_results
+from common import data_arguments, load_data, machine, write_results
 
 from components.data.prepared import PreparedData
 from components.models import DensityModel, LatentVariableModel, bits_per_dim, create_model
@@ -188,10 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data", help="IDX file or folder (or .npz / image folder); default: built-in digits"
-    )
-    parser.add_argument("--max-images", type=int, help="use a random subset of this many images")
+    data_arguments(parser)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.003)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import load_data, machine, write_results
+from common import data_arguments, load_data, machine, write_results
 
 from components.config import load_params
 from components.data.prepared import PreparedData
@@ -151,10 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data", help="IDX file or folder (or .npz / image folder); default: built-in digits"
-    )
-    parser.add_argument("--max-images", type=int, help="use a random subset of this many images")
+    data_arguments(parser)
     parser.add_argument("--models", nargs="+", help="families to run (default: every non-density family)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
