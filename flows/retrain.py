@@ -7,6 +7,7 @@ the others finish, and the flow's final state names every model that failed and 
 
 from __future__ import annotations
 
+import functools
 import getpass
 import hashlib
 import json
@@ -53,6 +54,12 @@ LOCK_FILE = ".genpipe.lock"
 TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 3}
 
 
+@functools.lru_cache(maxsize=2)
+def _prepared(prepared_dir: Path, data_version: str) -> PreparedData:
+    """The prepared splits, read once per data version rather than once per task."""
+    return load_prepared(prepared_dir)
+
+
 @dataclass
 class Inputs:
     """What every model branch shares: the versioned data and where things live."""
@@ -65,7 +72,7 @@ class Inputs:
     pipeline_id: str
 
     def data(self) -> PreparedData:
-        return load_prepared(Path(self.project_dir) / self.params["data"]["prepared_dir"])
+        return _prepared(Path(self.project_dir) / self.params["data"]["prepared_dir"], self.data_version)
 
     @property
     def featurizer_dir(self) -> Path:
