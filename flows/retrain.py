@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import getpass
-import hashlib
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from components.registry.lineage import (
     inputs_fingerprint,
     model_inputs,
     package_versions,
+    params_hash,
 )
 from components.registry.models import (
     PromotionPolicy,
@@ -107,10 +107,6 @@ class ModelResult:
     version: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
-
-
-def _params_hash(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _evaluate(model, inputs: Inputs) -> Evaluation:
@@ -285,7 +281,7 @@ def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
                 "weights_sha256": weights_sha256,
                 "git_commit": commit,
                 "git_dirty": str(dirty),
-                "params_hash": _params_hash(params),
+                "params_hash": params_hash(params),
                 "params": json.dumps(params, sort_keys=True),
                 "prefect_flow_run_id": inputs.pipeline_id,
                 "ray_scaling": json.dumps(
@@ -403,7 +399,7 @@ def retrain(
         parent.log_params(
             {
                 "models": ",".join(models),
-                "params_hash": _params_hash(params),
+                "params_hash": params_hash(params),
                 "force": force,
                 "resume": resume,
                 "data_rev": data_rev,

@@ -33,6 +33,11 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def params_hash(params: dict[str, Any]) -> str:
+    """Short hash of the whole parameter set, recorded with every run and version."""
+    return _digest(params)[:12]
+
+
 def family_code_hash(model: str) -> str:
     """Hash of the source of the family's class hierarchy and the shared training/evaluation code."""
     modules = {

@@ -36,6 +36,15 @@ def registered_name(dataset: str, model: str) -> str:
     return f"{dataset}.{model}"
 
 
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create registered model `name` unless it exists (also when a concurrent run just created it)."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+
+
 def register_version(
     client: MlflowClient,
     name: str,
@@ -46,11 +55,7 @@ def register_version(
     extra_tags: dict[str, str] | None = None,
 ) -> ModelVersion:
     """Create a version of `name` from `source`, tag it with its scores and make it the challenger."""
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-            raise
+    ensure_registered_model(client, name)
     tags = {
         **{f"metric.{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()},
         PRIMARY_TAG: evaluation.primary_metric,
@@ -239,11 +244,7 @@ def publish_to_production(
             run = production.create_run(experiment_id(production, "genpipe-production"), run_name=target_name)
             production.log_artifacts(run.info.run_id, local, "model")
             production.set_terminated(run.info.run_id)
-            try:
-                production.create_registered_model(target_name)
-            except MlflowException as err:
-                if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-                    raise
+            ensure_registered_model(production, target_name)
             copied = production.create_model_version(
                 target_name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
             )
