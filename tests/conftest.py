@@ -1,19 +1,26 @@
-"""Shared, real infrastructure for the test session: one Ray instance and one Prefect server.
+"""Shared, real infrastructure for the tests: one Ray instance and one Prefect server per session, an
+MLflow server process per module that asks for one.
 
-Both take ~10 s to start, so every integration test shares them. Nothing here is mocked.
+Each takes 10-20 s to start, so the integration tests share them. Nothing here is mocked.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import requests
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("params.yaml", "dvc.yaml")
+BIN = Path(sys.executable).parent
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -30,13 +37,112 @@ def ray_instance():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    """Prefect's own temporary server (real API, SQLite), shared by the session."""
-    from prefect.testing.utilities import prefect_test_harness
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    with prefect_test_harness(server_startup_timeout=120):
+
+def wait_until(check, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.ConnectionError:
+        return False
+
+
+def scheduled_runs(deployment_id) -> list:
+    """The runs of a deployment that are scheduled and not started yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    scheduled = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(state=scheduled),
+        )
+
+
+@contextmanager
+def serve(command: list[str], log: Path, health_url: str, what: str, env: dict[str, str] | None = None):
+    """Start a server process, wait until `health_url` answers, stop it (and its children) afterwards."""
+    process = subprocess.Popen(
+        command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        try:
+            wait_until(lambda: process.poll() is None and http_ok(health_url), 120, what)
+        except TimeoutError as err:
+            raise RuntimeError(f"{err}; exit code {process.poll()}; log:\n{log.read_text()[-3000:]}") from err
         yield
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """Prefect's own server (`prefect server start`: API, SQLite, and its services, the scheduler
+    included), shared by the session; the test process talks to it through PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_UI_ENABLED": "false",
+        # Deployments created by a test get their scheduled runs within seconds rather than a minute.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
+        # Leases of killed runs (concurrency slots) are reclaimed soon after they expire.
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
+    }
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with (
+        serve(command, home / "server.log", f"{url}/health", "prefect server", env),
+        temporary_settings(updates={PREFECT_API_URL: url}),
+    ):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process (SQLite backend, proxied artifact store) for one test module."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [
+        str(BIN / "mlflow"),
+        *("server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+        *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+        *("--artifacts-destination", str(root / "artifacts")),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with serve(command, root / "server.log", f"{url}/health", "mlflow server"):
+        yield url
 
 
 def git(repo: Path, *args: str) -> str:

@@ -1,20 +1,20 @@
-"""The scheduled deployment served by `genpipe schedule`, triggered on a real Prefect server, logging to a
-real `mlflow server` process: the first run trains and registers, a second with nothing changed skips,
-a third after the data changed retrains and re-evaluates the champion on the new data first."""
+"""The scheduled deployment served by `genpipe schedule` on a real Prefect server, logging to a real
+`mlflow server` process: the server's scheduler creates its upcoming runs; triggered, the first run
+trains and registers, a second with nothing changed skips, a third after the data changed retrains and
+re-evaluates the champion on the new data first."""
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import os
-import socket
 import subprocess
 import sys
-import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
+from conftest import scheduled_runs, wait_until
 from mlflow.tracking import MlflowClient
 
 from components.data.importers import import_dataset
@@ -25,75 +25,25 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(1)
-    raise TimeoutError(f"{what} not ready after {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "art"),
-        ],
-        stdout=open(root / "server.log", "w"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return requests.get(f"{url}/health", timeout=2).ok
-        except requests.ConnectionError:
-            return False
-
-    try:
-        wait_until(healthy, 90, "mlflow server")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def test_served_deployment_trains_then_skips_when_nothing_changed(
+def test_served_deployment_is_scheduled_then_trains_skips_and_retrains_on_new_data(
     prefect_server, ray_instance, mlflow_server, tmp_path, project_factory
 ):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
     project = project_factory(tmp_path / "project")
+    # Twelve hours from now: the scheduled runs the server creates are never due while the test runs.
+    hour = (datetime.now(UTC) + timedelta(hours=12)).hour
+    cron = f"0 {hour} * * *"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     server = subprocess.Popen(
         [
             str(BIN / "genpipe"),
             "schedule",
             "--cron",
-            "0 3 * * *",
+            cron,
             "--name",
             "e2e",
             "--models",
@@ -106,16 +56,26 @@ def test_served_deployment_trains_then_skips_when_nothing_changed(
         stderr=subprocess.STDOUT,
     )
 
-    async def deployment():
-        async with get_client() as client:
+    def deployment():
+        with get_client(sync_client=True) as client:
             try:
-                return await client.read_deployment_by_name("genpipe-retrain/e2e")
-            except Exception:
+                return client.read_deployment_by_name("genpipe-retrain/e2e")
+            except ObjectNotFound:
                 return None
 
     try:
-        found = wait_until(lambda: asyncio.run(deployment()), 120, "served deployment")
-        assert [s.schedule.cron for s in found.schedules] == ["0 3 * * *"]
+        found = wait_until(deployment, 120, "served deployment")
+        assert [s.schedule.cron for s in found.schedules] == [cron]
+        # The server's scheduler, not the test, creates the next runs of the cron schedule.
+        upcoming = wait_until(lambda: scheduled_runs(found.id), 60, "scheduled runs")
+        starts = sorted(run.expected_start_time for run in upcoming)
+        assert all(run.auto_scheduled for run in upcoming)
+        assert all((t.hour, t.minute, t.second) == (hour, 0, 0) for t in starts), starts
+        assert datetime.now(UTC) < starts[0] <= datetime.now(UTC) + timedelta(days=1)
+        assert all(later - earlier == timedelta(days=1) for earlier, later in itertools.pairwise(starts)), (
+            starts
+        )
+        assert all(run.parameters["project_dir"] == str(project.resolve()) for run in upcoming)
         parameters = {
             "overrides": {
                 "train": {"epochs": 1},

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from conftest import scheduled_runs, wait_until
 from mlflow.exceptions import MlflowException
 from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
@@ -243,6 +244,11 @@ def test_deployments_land_on_the_stack_prefect_server(stack, tmp_path):
 
     assert [s.schedule.cron for s in served.schedules] == ["0 3 * * *"]
     assert served.parameters["project_dir"] == str(tmp_path.resolve())
+    # The stack's scheduler service creates the upcoming runs of both, at 03:00 UTC.
+    for deployment in (served, nightly):
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            upcoming = wait_until(lambda d=deployment: scheduled_runs(d.id), 90, f"runs of {deployment.name}")
+        assert {(r.expected_start_time.hour, r.expected_start_time.minute) for r in upcoming} == {(3, 0)}
 
     assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 3 * * *", "UTC")]
     assert nightly.global_concurrency_limit.limit == 1
