@@ -252,12 +252,9 @@ def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
 
 @task(name="register", cache_policy=NO_CACHE, task_run_name="register-{trained.model}", **TRANSIENT_RETRIES)
 def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
-    """Register once: a retry, or a resumed run, finds the version its first attempt created."""
+    """Register once: a retry finds the version an earlier attempt created (re-uploading the same files)."""
     client = client_for(inputs.tracking_uri)
     name = inputs.registered_name(trained.model)
-    existing = version_with_tag(client, name, "mlflow_run_id", trained.run_id)
-    if existing is not None:
-        return str(existing.version)
     run = RunLogger(client, trained.run_id)
     with run.fail_on_error():
         source, weights_sha256 = run.log_model_package(Path(trained.model_dir))

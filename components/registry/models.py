@@ -54,7 +54,11 @@ def register_version(
     data_version: str,
     extra_tags: dict[str, str] | None = None,
 ) -> ModelVersion:
-    """Create a version of `name` from `source`, tag it with its scores and make it the challenger."""
+    """Make the version of `name` trained by `run_id` the challenger, creating it on the first call.
+
+    Safe to repeat: a retried task finds the version its earlier attempt created, even when that
+    attempt never saw the server's reply.
+    """
     ensure_registered_model(client, name)
     tags = {
         **{f"metric.{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()},
@@ -63,8 +67,35 @@ def register_version(
         DATA_VERSION_TAG: data_version,
         **(extra_tags or {}),
     }
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    version = _create_once(
+        client,
+        name,
+        f"run_id = '{run_id}'",
+        lambda: client.create_model_version(name, source, run_id=run_id, tags=tags),
+    )
     client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return version
+
+
+def _create_once(
+    client: MlflowClient, name: str, identity: str, create: Callable[[], object]
+) -> ModelVersion:
+    """The version of `name` matching the search clause `identity`, made by `create()` unless an
+    earlier attempt made it.
+
+    MLflow's HTTP client re-sends a create request whose reply was lost, and the server then creates
+    the version again: the first is kept and the copies, which no alias can point at yet, deleted.
+    """
+
+    def made() -> list[ModelVersion]:
+        versions = client.search_model_versions(f"name = '{name}' and {identity}")
+        return sorted(versions, key=lambda v: int(v.version))
+
+    if not made():
+        create()
+    version, *copies = made()
+    for copy in copies:
+        client.delete_model_version(name, copy.version)
     return version
 
 
@@ -130,63 +161,94 @@ def decide_promotion(
     reevaluate: Callable[[ModelVersion], Evaluation],
     policy: PromotionPolicy,
 ) -> Decision:
-    """Move `champion` to `candidate` if the policy says it is better; record the decision and why."""
+    """Move `champion` to `candidate` if the policy says it is better; record the decision and why.
+
+    The decision is recorded on the candidate before the alias moves, so a retried call carries out
+    the same decision instead of judging the candidate against itself.
+    """
+    decision = _recorded_decision(candidate, evaluation.metrics[policy.metric])
+    if decision is None:
+        decision = _judge(client, name, evaluation, data_version, reevaluate, policy)
+        for key, tag in {
+            "promotion.decision": "promoted" if decision.promoted else "rejected",
+            "promotion.reason": decision.reason,
+            "promotion.champion_value": ""
+            if decision.champion_value is None
+            else f"{decision.champion_value:.6g}",
+            "promotion.champion_version": decision.champion_version or "",
+        }.items():
+            client.set_model_version_tag(name, candidate.version, key, tag)
+    if decision.promoted:
+        move_champion(client, name, str(candidate.version))
+    return decision
+
+
+def _recorded_decision(candidate: ModelVersion, value: float) -> Decision | None:
+    tags = candidate.tags
+    if tags.get("promotion.decision") not in ("promoted", "rejected"):
+        return None
+    champion_value = tags.get("promotion.champion_value")
+    return Decision(
+        tags["promotion.decision"] == "promoted",
+        tags.get("promotion.reason", ""),
+        value,
+        float(champion_value) if champion_value else None,
+        tags.get("promotion.champion_version") or None,
+    )
+
+
+def _judge(
+    client: MlflowClient,
+    name: str,
+    evaluation: Evaluation,
+    data_version: str,
+    reevaluate: Callable[[ModelVersion], Evaluation],
+    policy: PromotionPolicy,
+) -> Decision:
     metric = policy.metric
     value = evaluation.metrics[metric]
     champion = _alias_version(client, name, CHAMPION)
     if champion is None:
-        decision = Decision(True, "first version: no champion yet", value, None, None)
+        return Decision(True, "first version: no champion yet", value, None, None)
+    comparable = (
+        champion.tags.get(DATA_VERSION_TAG) == data_version
+        and champion.tags.get(EXTRACTOR_TAG) == evaluation.extractor_id
+    )
+    if comparable:
+        champion_metrics, basis = _recorded_metrics(champion), "recorded"
     else:
-        comparable = (
-            champion.tags.get(DATA_VERSION_TAG) == data_version
-            and champion.tags.get(EXTRACTOR_TAG) == evaluation.extractor_id
+        champion_metrics = reevaluate(champion).metrics
+        basis = f"re-evaluated on data {data_version[:12]} with {evaluation.extractor_id}"
+    champion_value = champion_metrics[metric]
+    gain = policy.gain(value, champion_value, policy.direction)
+    worse_guards = [
+        f"{guard} {evaluation.metrics[guard]:.4g} vs {champion_metrics[guard]:.4g}"
+        for guard, direction in policy.guards.items()
+        if policy.gain(evaluation.metrics[guard], champion_metrics[guard], direction) < 0
+    ]
+    if gain <= policy.min_improvement:
+        verdict = (
+            "not better" if gain <= 0 else f"better by {gain:.4g}, not more than {policy.min_improvement}"
         )
-        if comparable:
-            champion_metrics, basis = _recorded_metrics(champion), "recorded"
-        else:
-            champion_metrics = reevaluate(champion).metrics
-            basis = f"re-evaluated on data {data_version[:12]} with {evaluation.extractor_id}"
-        champion_value = champion_metrics[metric]
-        gain = policy.gain(value, champion_value, policy.direction)
-        worse_guards = [
-            f"{guard} {evaluation.metrics[guard]:.4g} vs {champion_metrics[guard]:.4g}"
-            for guard, direction in policy.guards.items()
-            if policy.gain(evaluation.metrics[guard], champion_metrics[guard], direction) < 0
-        ]
-        if gain <= policy.min_improvement:
-            verdict = (
-                "not better" if gain <= 0 else f"better by {gain:.4g}, not more than {policy.min_improvement}"
-            )
-        elif worse_guards:
-            verdict = f"better, but guard metric(s) got worse: {'; '.join(worse_guards)}"
-        else:
-            verdict = "better"
-        decision = Decision(
-            verdict == "better",
-            f"{metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} ({basis}): {verdict}",
-            value,
-            champion_value,
-            str(champion.version),
-        )
-    if decision.promoted:
-        move_champion(client, name, str(candidate.version))
-    for key, tag in {
-        "promotion.decision": "promoted" if decision.promoted else "rejected",
-        "promotion.reason": decision.reason,
-        "promotion.champion_value": ""
-        if decision.champion_value is None
-        else f"{decision.champion_value:.6g}",
-        "promotion.champion_version": decision.champion_version or "",
-    }.items():
-        client.set_model_version_tag(name, candidate.version, key, tag)
-    return decision
+    elif worse_guards:
+        verdict = f"better, but guard metric(s) got worse: {'; '.join(worse_guards)}"
+    else:
+        verdict = "better"
+    return Decision(
+        verdict == "better",
+        f"{metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} ({basis}): {verdict}",
+        value,
+        champion_value,
+        str(champion.version),
+    )
 
 
 def move_champion(client: MlflowClient, name: str, version: str) -> None:
     """Point `champion` at `version` and remember the move, so a rollback knows where to return."""
     history = [v for v in client.get_registered_model(name).tags.get(HISTORY_TAG, "").split(",") if v]
     client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, version]))
+    if history[-1:] != [version]:  # a repeated move (a retry) is recorded once
+        client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, version]))
 
 
 def promote_manually(client: MlflowClient, name: str, version: str, reason: str, user: str) -> None:
@@ -226,40 +288,50 @@ def publish_to_production(
     """
     source = client.get_model_version(name, version)
     target_name = f"{prefix}{name}"
-    tags = {
-        **source.tags,
-        "source_model": name,
-        "source_version": str(version),
-        "source_registry": client.tracking_uri,
-    }
+    link = {"source_model": name, "source_version": str(version), "source_registry": client.tracking_uri}
     if production is None:
-        copied = client.copy_model_version(f"models:/{name}/{version}", target_name)
         target = client
+        # A copy keeps its source's run, which names it; so a retried publication finds it.
+        copied = _create_once(
+            client,
+            target_name,
+            f"run_id = '{source.run_id}'",
+            lambda: client.copy_model_version(f"models:/{name}/{version}", target_name),
+        )
     else:
         target = production
-        with tempfile.TemporaryDirectory(prefix="genpipe-publish-") as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=source.source, dst_path=tmp, tracking_uri=client.tracking_uri
-            )
-            run = production.create_run(experiment_id(production, "genpipe-production"), run_name=target_name)
-            production.log_artifacts(run.info.run_id, local, "model")
-            production.set_terminated(run.info.run_id)
-            ensure_registered_model(production, target_name)
-            copied = production.create_model_version(
-                target_name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
-            )
-    for key, value in tags.items():
+        ensure_registered_model(production, target_name)
+        copied = _create_once(
+            production,
+            target_name,
+            " and ".join(f"tags.{key} = '{value}'" for key, value in link.items()),
+            lambda: _reregister(client, source, production, target_name, {**source.tags, **link}),
+        )
+    for key, value in {**source.tags, **link}.items():
         target.set_model_version_tag(target_name, copied.version, key, value)
     target.set_registered_model_alias(target_name, CHAMPION, copied.version)
     return target.get_model_version(target_name, copied.version)
 
 
+def _reregister(
+    client: MlflowClient, source: ModelVersion, production: MlflowClient, target_name: str, tags: dict
+) -> ModelVersion:
+    """Register `source` on another server: its files under a run there, its tags with the version."""
+    with tempfile.TemporaryDirectory(prefix="genpipe-publish-") as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=source.source, dst_path=tmp, tracking_uri=client.tracking_uri
+        )
+        run = production.create_run(experiment_id(production, "genpipe-production"), run_name=target_name)
+        production.log_artifacts(run.info.run_id, local, "model")
+        production.set_terminated(run.info.run_id)
+    return production.create_model_version(
+        target_name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags
+    )
+
+
 def version_with_tag(client: MlflowClient, name: str, key: str, value: str) -> ModelVersion | None:
     """The newest version of `name` whose tag `key` equals `value` (e.g. the same inputs fingerprint)."""
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and tags.{key} = '{value}'")
-    except MlflowException:
-        return None
+    versions = client.search_model_versions(f"name = '{name}' and tags.{key} = '{value}'")
     return max(versions, key=lambda v: int(v.version), default=None)
 
 

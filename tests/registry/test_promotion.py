@@ -142,6 +142,36 @@ def test_manual_promotion_rollback_and_production_copy(client, model_dir, tmp_pa
     assert isinstance(load_version(other, remote), torch.nn.Module)
 
 
+def test_a_retried_promotion_and_publication_repeat_nothing(client, model_dir, tmp_path):
+    judge(client, model_dir, evaluation(30.0))
+    candidate, first = judge(client, model_dir, evaluation(20.0))
+    assert first.promoted and champion(client) == "2"
+    # What a retried task does after its first attempt moved the alias: read the version afresh and
+    # decide again. Judged anew, the candidate would now face itself as champion and be rejected.
+    again = decide_promotion(
+        client,
+        NAME,
+        client.get_model_version(NAME, candidate.version),
+        evaluation(20.0),
+        DATA,
+        reevaluate=lambda v: pytest.fail("champion re-evaluated without need"),
+        policy=PromotionPolicy("test_nll_bound"),
+    )
+    assert again == first
+    assert champion(client) == "2"
+    assert client.get_registered_model(NAME).tags["champion_history"] == "1,2"
+
+    other_uri = f"sqlite:///{tmp_path / 'production.db'}"
+    other = MlflowClient(tracking_uri=other_uri, registry_uri=other_uri)
+    for target, production in ((client, None), (other, other)):
+        first_copy, second_copy = (
+            publish_to_production(client, NAME, "2", production=production) for _ in "ab"
+        )
+        assert first_copy.version == second_copy.version
+        (only,) = target.search_model_versions(f"name = 'prod.{NAME}'")
+        assert only.tags["source_version"] == "2"
+
+
 def test_rollback_without_history_is_a_clear_error(client, model_dir):
     judge(client, model_dir, evaluation(30.0))
     with pytest.raises(LookupError, match="no previous champion"):
