@@ -160,6 +160,20 @@ def test_an_overlapping_run_skips_while_another_holds_the_project_lock(trained_p
     assert len(client_for(trained_project).search_model_versions("name = 'digits.vae'")) == versions
 
 
+def test_a_run_elsewhere_writing_to_the_same_registry_makes_an_overlapping_run_skip(trained_project):
+    from flows.retrain import registry_turn
+
+    client = client_for(trained_project)
+    versions = len(client.search_model_versions("name = 'digits.vae'"))
+    # What a run on another host holds while it trains and registers: the registry's turn on the
+    # shared Prefect server (the project lock here stays free).
+    with registry_turn(resolve_tracking_uri(None, trained_project), wait_s=0):
+        state = run_flow(trained_project, ["vae"], epochs=2)
+    assert state.is_completed() and "another genpipe run is writing to the registry" in state.message
+    assert [row["status"] for row in state.result(raise_on_failure=False)] == ["skipped"]
+    assert len(client.search_model_versions("name = 'digits.vae'")) == versions
+
+
 def test_unchanged_inputs_are_skipped_and_force_retrains(trained_project):
     first = run_flow(trained_project, ["vae"])
     assert first.is_completed(), first.message
