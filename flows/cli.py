@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+
+# genpipe runs offline: the tools it drives send no usage reports (and Prefect's temporary server
+# skips a heartbeat that contends for its SQLite database). A user's own setting wins.
+NO_USAGE_REPORTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+os.environ.update({name: value for name, value in NO_USAGE_REPORTS.items() if name not in os.environ})
 
 app = typer.Typer(
     help="Reproducible, distributed retraining of deep generative models.", no_args_is_help=True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,24 @@ def test_status_and_sample_on_an_empty_registry_say_so(tmp_path):
     assert result.exit_code == 0 and "Nothing registered yet" in result.output
     result = CliRunner().invoke(app, ["sample", "--model", "vae", "--dataset", "digits", "-C", str(tmp_path)])
     assert result.exit_code == 1 and "nothing is registered yet" in result.output
+
+
+def test_the_cli_turns_usage_reports_off_unless_the_user_chose():
+    show = "import os, flows.cli; print(os.environ['DVC_NO_ANALYTICS'], os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DVC_NO_ANALYTICS", "PREFECT_SERVER_ANALYTICS_ENABLED")
+    }
+    default = subprocess.run(
+        [sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True
+    )
+    assert default.stdout.split() == ["1", "false"]
+    chosen = subprocess.run(
+        [sys.executable, "-c", show],
+        env={**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "true"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert chosen.stdout.split() == ["1", "true"]
