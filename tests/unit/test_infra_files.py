@@ -31,6 +31,11 @@ VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(),
 CPU_IMAGE, GPU_IMAGE = f"genpipe-train:{VERSION}", f"genpipe-train:{VERSION}-gpu"
 
 
+def locked(package: str) -> str:
+    """The version requirements.lock pins for `package`."""
+    return re.search(rf"^{package}==(.+)$", (ROOT / "requirements.lock").read_text(), re.M).group(1)
+
+
 def load(relative: str):
     return yaml.safe_load((INFRA / relative).read_text())
 
@@ -187,7 +192,11 @@ def test_compose_runs_mlflow_on_postgres_and_minio_and_prefect_with_healthchecks
     command = " ".join(services["mlflow"]["command"])
     assert "--app-name basic-auth" in command and "--serve-artifacts" in command
     assert f"mlflow/mlflow:v{mlflow.__version__}" in services["mlflow"]["build"]["dockerfile_inline"]
-    assert services["prefect"]["image"].startswith(f"prefecthq/prefect:{prefect.__version__}-python3.11")
+    prefect_build = services["prefect"]["build"]["dockerfile_inline"]
+    assert f"FROM prefecthq/prefect:{prefect.__version__}-python3.11" in prefect_build
+    assert f'"SQLAlchemy=={locked("SQLAlchemy")}"' in prefect_build, (
+        "the scheduler needs the locked SQLAlchemy"
+    )
     assert services["prefect"]["command"][:3] == ["prefect", "server", "start"]
 
     # Secrets come from the environment, required, never written in the file.
