@@ -146,4 +146,9 @@ class RunLogger:
             raise
 
     def finish(self, status: str = "FINISHED") -> None:
+        error = self.client.get_run(self.run_id).data.tags.get("error")
+        if status == "FINISHED" and error is not None:
+            # A step failed and its retry succeeded: keep the failure, but not as the run's error.
+            self.set_tags({"recovered_error": error})
+            self.client.delete_tag(self.run_id, "error")
         self.client.set_terminated(self.run_id, status=status)

@@ -192,3 +192,15 @@ def test_pyfunc_samples_and_tampered_weights_are_refused(client, model_dir):
         load_version(client, version)
     with pytest.raises(TamperedArtifact):
         mlflow.pyfunc.load_model(version.source)
+
+
+def test_a_step_that_failed_then_succeeded_leaves_a_finished_run_that_remembers_the_failure(client):
+    run = RunLogger.start(client, "tests", "vae")
+    with pytest.raises(OSError), run.fail_on_error():
+        raise OSError("artifact store timed out")
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    run.finish()  # the retried step went through
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED"
+    assert "error" not in finished.data.tags
+    assert finished.data.tags["recovered_error"] == "OSError: artifact store timed out"
