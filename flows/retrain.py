@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import functools
 import getpass
-import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,6 @@ from typing import Any
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -53,11 +49,11 @@ from components.registry.tracking import RunLogger, client_for, resolve_tracking
 from components.training.jobs import RunLedger, scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
+from flows.registry_turn import registry_turn
 
 LOCK_FILE = ".genpipe.lock"
 TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 3}
-REGISTRY_TURN_GRACE_S = 10.0
-REGISTRY_TURN_LEASE_S = 60.0  # the shortest lease a Prefect server grants
+REGISTRY_LEASE_RECORD = "outputs/registry-turn.lease"
 
 
 @functools.lru_cache(maxsize=2)
@@ -367,29 +363,6 @@ def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
     return results
 
 
-@contextmanager
-def registry_turn(tracking_uri: str, wait_s: float) -> Iterator[None]:
-    """One run at a time per model registry, from whichever host: a Prefect global concurrency limit
-    of 1 named after the tracking URI. Its slot is leased and renewed while the run lives, so a killed
-    run frees it within about a minute.
-
-    Raises TimeoutError when another run keeps it longer than about `wait_s` seconds.
-    """
-    name = f"genpipe-registry-{hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]}"
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    # The grace covers the request itself: with a timeout of 0 not even a free slot could be taken.
-    timeout_s = wait_s + REGISTRY_TURN_GRACE_S
-    with concurrency(
-        name,
-        timeout_seconds=timeout_s,
-        lease_duration=REGISTRY_TURN_LEASE_S,
-        strict=True,
-        raise_on_lease_renewal_failure=False,
-    ):
-        yield
-
-
 @flow(name="genpipe-retrain", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def retrain(
     project_dir: str = ".",
@@ -419,10 +392,8 @@ def retrain(
             return nothing_done(f"another genpipe run holds {project / LOCK_FILE}")
         version = prepare_data(str(project), params["data"]["raw_dir"], data_rev)
         tracking_uri = resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project)
-        # The run being resumed may have died holding the registry's turn: wait for its lease to end.
-        turn_wait_s = max(wait_s, REGISTRY_TURN_LEASE_S) if resume else wait_s
         try:
-            held.enter_context(registry_turn(tracking_uri, turn_wait_s))
+            held.enter_context(registry_turn(tracking_uri, wait_s, project / REGISTRY_LEASE_RECORD))
         except TimeoutError:
             return nothing_done(f"another genpipe run is writing to the registry at {tracking_uri}")
         pipeline_id = str(flow_run.get_id() or "local")

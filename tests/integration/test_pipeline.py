@@ -161,7 +161,7 @@ def test_an_overlapping_run_skips_while_another_holds_the_project_lock(trained_p
 
 
 def test_a_run_elsewhere_writing_to_the_same_registry_makes_an_overlapping_run_skip(trained_project):
-    from flows.retrain import registry_turn
+    from flows.registry_turn import registry_turn
 
     client = client_for(trained_project)
     versions = len(client.search_model_versions("name = 'digits.vae'"))
@@ -234,7 +234,7 @@ def test_every_family_trains_through_the_flow_and_is_registered_with_its_scores(
     project = project_factory(tmp_path / "all")
     families = list_models()
     overrides = {
-        "train": {"epochs": 1, "max_concurrent_models": 2, "per_model": {}},
+        "train": {"epochs": 1, "max_concurrent_models": 2, "per_model": {"gan": {"epochs": 1}}},
         "evaluate": {"num_samples": 100, "importance_samples": 5},
     }
     state = retrain(project_dir=str(project), models=families, overrides=overrides, return_state=True)

@@ -20,6 +20,7 @@ from components.registry.tracking import resolve_tracking_uri
 pytestmark = pytest.mark.integration
 
 GENPIPE = str(Path(sys.executable).parent / "genpipe")
+EPOCHS = 12  # 240 steps: the driver is killed after step 5, well before the end
 
 
 def genpipe_env(ray_instance) -> dict[str, str]:
@@ -37,7 +38,7 @@ def test_resume_after_the_driver_dies_continues_and_registers_once(
 ):
     project = project_factory(tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"].update(checkpoint_every_steps=5, epochs=30)
+    params["train"].update(checkpoint_every_steps=5, epochs=EPOCHS)
     params["evaluate"].update(num_samples=100, importance_samples=5)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     command = [GENPIPE, "run", "--models", "vae", "-C", str(project)]
@@ -65,7 +66,7 @@ def test_resume_after_the_driver_dies_continues_and_registers_once(
     run = client.get_run(version.run_id)
     assert int(run.data.tags["resumed_from_step"]) > 0
     assert run.data.metrics["train/model_loss"] > 0
-    assert len(client.get_metric_history(version.run_id, "train/model_loss")) == 30
+    assert len(client.get_metric_history(version.run_id, "train/model_loss")) == EPOCHS
 
     again = subprocess.run(
         [*command, "--resume"], env=genpipe_env(ray_instance), capture_output=True, text=True, timeout=600
