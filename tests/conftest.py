@@ -32,7 +32,10 @@ def ray_instance():
     """A real local Ray instance with two CPUs, shared by the session."""
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
+    # "local": a new instance, never one that another test process (or `ray start`) left running here.
+    ray.init(
+        address="local", num_cpus=2, log_to_driver=False, include_dashboard=False, logging_level="WARNING"
+    )
     yield ray
     ray.shutdown()
 
@@ -56,7 +59,7 @@ def wait_until(check, timeout: float, what: str, interval: float = 1.0):
 def http_ok(url: str) -> bool:
     try:
         return requests.get(url, timeout=2).ok
-    except requests.ConnectionError:
+    except requests.RequestException:  # refused, or too busy starting up to answer in time
         return False
 
 

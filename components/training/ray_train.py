@@ -141,7 +141,8 @@ def ray_cluster(address: str | None = None):
     if ray.is_initialized():
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    # "local" rather than Ray's default of attaching to any cluster it finds on this machine.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
     try:
         yield
