@@ -18,8 +18,12 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/genpipe run
 
+# Two test processes: much of the suite waits on one-threaded server start-ups and Python imports,
+# which a second process overlaps. Whole files go to one process, so module fixtures start once.
+TEST_PROCESSES ?= 2
+
 test: $(STAMP) lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
