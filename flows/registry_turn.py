@@ -8,6 +8,7 @@ project's lock knows the run that wrote the record is dead, so it releases that 
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import threading
@@ -48,7 +49,14 @@ def registry_turn(tracking_uri: str, wait_s: float, lease_record: Path | None = 
         lease_record.parent.mkdir(parents=True, exist_ok=True)
         lease_record.write_text(str(lease_id))
     stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(lease_id, stop), name=f"{name}-lease", daemon=True)
+    # The thread runs in a copy of this context: Prefect's settings (its API URL among them) may be
+    # context-local, and a thread without them would renew against another (ephemeral) server.
+    renewer = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(_renew, lease_id, stop),
+        name=f"{name}-lease",
+        daemon=True,
+    )
     renewer.start()
     try:
         yield

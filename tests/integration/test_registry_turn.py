@@ -3,8 +3,11 @@ hold up the next run of its project."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+import flows.registry_turn as registry_turn_module
 from flows.registry_turn import LEASE_S, limit_name, registry_turn
 
 pytestmark = pytest.mark.integration
@@ -45,3 +48,22 @@ def test_the_next_run_of_a_project_releases_the_lease_its_dead_run_recorded(pref
     with registry_turn(uri, wait_s=0, lease_record=record):
         assert record.read_text() not in ("", dead)  # this run's own lease, for the run after it
     assert not record.exists()
+
+
+def test_the_lease_is_renewed_on_the_server_that_granted_it(prefect_server, tmp_path, monkeypatch, caplog):
+    """The server's URL is a context-local setting here, as in any `temporary_settings` block."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    renewed_at = []
+    renew = SyncPrefectClient.renew_concurrency_lease
+
+    def recording_renew(client, lease_id, lease_duration):
+        renewed_at.append(str(client.api_url).rstrip("/"))
+        return renew(client, lease_id, lease_duration)
+
+    monkeypatch.setattr(SyncPrefectClient, "renew_concurrency_lease", recording_renew)
+    monkeypatch.setattr(registry_turn_module, "RENEW_EVERY_S", 0.2)
+    with registry_turn(f"{URI}-{tmp_path.name}", wait_s=0):
+        time.sleep(1.5)
+    assert renewed_at and set(renewed_at) == {prefect_server}
+    assert "could not renew" not in caplog.text
