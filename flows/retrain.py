@@ -49,11 +49,13 @@ from components.registry.tracking import RunLogger, client_for, resolve_tracking
 from components.training.jobs import RunLedger, scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
+from flows.open_runs import OpenRuns
 from flows.registry_turn import registry_turn
 
 LOCK_FILE = ".genpipe.lock"
 TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 3}
 REGISTRY_LEASE_RECORD = "outputs/registry-turn.lease"
+OPEN_RUNS_RECORD = "outputs/open-runs.jsonl"
 
 
 @functools.lru_cache(maxsize=2)
@@ -72,6 +74,7 @@ class Inputs:
     tracking_uri: str
     parent_run_id: str
     pipeline_id: str
+    open_runs: OpenRuns
 
     def data(self) -> PreparedData:
         return _prepared(Path(self.project_dir) / self.params["data"]["prepared_dir"], self.data_version)
@@ -205,6 +208,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             "ray_run": planned.ray_run_name,
         },
     )
+    inputs.open_runs.add_mlflow_run(inputs.tracking_uri, run.run_id)
     with run.fail_on_error():
         run.log_params({"model": job.model, "train": inputs.params["train"], "seed": job.seed})
         run.log_dataset(
@@ -397,12 +401,14 @@ def retrain(
         except TimeoutError:
             return nothing_done(f"another genpipe run is writing to the registry at {tracking_uri}")
         pipeline_id = str(flow_run.get_id() or "local")
+        open_runs = held.enter_context(OpenRuns(project / OPEN_RUNS_RECORD, flow_run.get_id()))
         parent = RunLogger.start(
             client_for(tracking_uri),
             params["tracking"]["experiment"],
             f"retrain-{pipeline_id[:8]}",
             tags={"prefect_flow_run_id": pipeline_id, "data_version": version},
         )
+        open_runs.add_mlflow_run(tracking_uri, parent.run_id)
         parent.log_params(
             {
                 "models": ",".join(models),
@@ -412,7 +418,7 @@ def retrain(
                 "data_rev": data_rev,
             }
         )
-        inputs = Inputs(str(project), params, version, tracking_uri, parent.run_id, pipeline_id)
+        inputs = Inputs(str(project), params, version, tracking_uri, parent.run_id, pipeline_id, open_runs)
         # Logged here first, serially: model runs logging the same new dataset concurrently would race
         # to insert it into MLflow's dataset table.
         parent.log_dataset(
@@ -426,10 +432,10 @@ def retrain(
         needs_cluster = any(p.action == "train" for p in plans)
         with ray_cluster(ray_address) if needs_cluster else nullcontext():
             results = _run_branches(plans, inputs)
+        failed = [r for r in results if r.status == "failed"]
+        parent.set_tags({"failed_models": ",".join(r.model for r in failed), "run_by": getpass.getuser()})
+        parent.finish("FAILED" if failed else "FINISHED")
 
-    failed = [r for r in results if r.status == "failed"]
-    parent.set_tags({"failed_models": ",".join(r.model for r in failed), "run_by": getpass.getuser()})
-    parent.finish("FAILED" if failed else "FINISHED")
     for result in results:
         logger.info("%-10s %-14s %s", result.model, result.status, result.detail)
     summary = [result.__dict__ for result in results]

@@ -1,5 +1,5 @@
 """`genpipe run --resume` after the pipeline process was killed: training continues from the last Ray
-checkpoint, and the model is registered exactly once."""
+checkpoint, the model is registered exactly once, and the dead attempt's runs are ended."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
 from ray_checkpoints import registered_step
 
 from components.registry.tracking import resolve_tracking_uri
+from flows.open_runs import ABANDONED_TAG
 
 pytestmark = pytest.mark.integration
 
@@ -67,6 +70,17 @@ def test_resume_after_the_driver_dies_continues_and_registers_once(
     assert int(run.data.tags["resumed_from_step"]) > 0
     assert run.data.metrics["train/model_loss"] > 0
     assert len(client.get_metric_history(version.run_id, "train/model_loss")) == EPOCHS
+
+    # The dead attempt's runs were ended by the resumed one, not left running for good.
+    runs = client.search_runs([client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    abandoned = [r for r in runs if r.info.status == "KILLED"]
+    assert sorted(r.data.tags["mlflow.runName"].split("-")[0] for r in abandoned) == ["retrain", "vae"]
+    assert all(ABANDONED_TAG in r.data.tags for r in abandoned)
+    (dead_parent,) = [r for r in abandoned if "prefect_flow_run_id" in r.data.tags]
+    with get_client(sync_client=True) as prefect:
+        dead_flow_run = prefect.read_flow_run(UUID(dead_parent.data.tags["prefect_flow_run_id"]))
+    assert dead_flow_run.state.is_crashed(), dead_flow_run.state
 
     again = subprocess.run(
         [*command, "--resume"], env=genpipe_env(ray_instance), capture_output=True, text=True, timeout=600
