@@ -37,7 +37,8 @@ def test_served_deployment_is_scheduled_then_trains_skips_and_retrains_on_new_da
     # Twelve hours from now: the scheduled runs the server creates are never due while the test runs.
     hour = (datetime.now(UTC) + timedelta(hours=12)).hour
     cron = f"0 {hour} * * *"
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    # The runner looks for due runs every 10 s by default; each trigger below would wait on that.
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     server = subprocess.Popen(
         [
             str(BIN / "genpipe"),
