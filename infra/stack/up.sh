@@ -107,7 +107,10 @@ trap 'fail "interrupted"' INT TERM
 say "starting in $STATE (logs in $LOGS)"
 echo "$RAY_TEMP_DIR" >"$STATE/ray-temp-dir"
 
-MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow/basic_auth.ini" \
+# MLflow's server-side job runner serves GenAI features genpipe does not use; starting it costs about
+# 40 s of CPU. GENPIPE_MLFLOW_JOBS=true turns it on.
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${GENPIPE_MLFLOW_JOBS:-false}" \
+    MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow/basic_auth.ini" \
     MLFLOW_AUTH_ADMIN_USERNAME="$ADMIN_USER" \
     MLFLOW_AUTH_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
     MLFLOW_FLASK_SERVER_SECRET_KEY="$SECRET_KEY" \
