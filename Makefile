@@ -19,12 +19,11 @@ run: $(STAMP)
 	$(BIN)/genpipe run
 
 # Two test processes: much of the suite waits on one-threaded server start-ups and Python imports,
-# which a second process overlaps. Whole files go to one process, so module fixtures start once, in
-# the order tests/conftest.py gives them (longest first), not xdist's default (most tests first).
+# which a second process overlaps. Whole files go to one process, so module fixtures start once.
 TEST_PROCESSES ?= 2
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,12 +27,6 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest files first: parallel test processes take whole files in this order, and a long
-    file started last would leave the other process idle at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def ray_instance():
     """A real local Ray instance with two CPUs, shared by the session."""

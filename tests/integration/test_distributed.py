@@ -48,7 +48,7 @@ from components.training.trainer import (
     seed_everything,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 # Ray workers cannot import a test module by name, so the worker loop defined here travels by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -11,7 +11,7 @@ from components.registry.models import CHAMPION
 from components.registry.tracking import client_for, resolve_tracking_uri
 from flows.retrain import retrain
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 def test_every_family_trains_through_the_flow_and_is_registered_with_its_scores(

@@ -12,7 +12,7 @@ from components.registry.models import CHALLENGER, CHAMPION
 from components.registry.tracking import resolve_tracking_uri
 from flows.retrain import retrain
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 TINY = {"train": {"epochs": 1}, "evaluate": {"num_samples": 200, "importance_samples": 10}}
 

@@ -20,7 +20,7 @@ from ray_checkpoints import registered_step
 from components.registry.tracking import resolve_tracking_uri
 from flows.open_runs import ABANDONED_TAG
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 GENPIPE = str(Path(sys.executable).parent / "genpipe")
 EPOCHS = 12  # 240 steps: the driver is killed after step 5, well before the end

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from components.data.importers import import_dataset
 from components.data.raw import builtin_digits
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 
