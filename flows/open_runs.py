@@ -16,13 +16,12 @@ from pathlib import Path
 from types import TracebackType
 from uuid import UUID
 
-from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
-from components.registry.tracking import client_for
+from components.registry.tracking import RunLogger, client_for
 
 ABANDONED_TAG = "abandoned"
 
@@ -54,8 +53,7 @@ class OpenRuns:
     ) -> None:
         # Runs still open here were left by a step that raised past its own error handling.
         why = f"the pipeline stopped: {type(error).__name__}: {error}" if error else "the pipeline ended"
-        failed = RunStatus.to_string(RunStatus.FAILED)
-        ended = [_end_mlflow_run(entry, failed, why) for entry in self._entries() if "mlflow_run" in entry]
+        ended = [_end_mlflow_run(entry, "FAILED", why) for entry in self._entries() if "mlflow_run" in entry]
         if all(ended):  # otherwise the next run of the project tries again
             self.record.unlink(missing_ok=True)
 
@@ -72,18 +70,18 @@ class OpenRuns:
         why = f"its pipeline process died; ended by {self.flow_run_id or 'the next run'} of the project"
         for entry in self._entries():
             if "mlflow_run" in entry:
-                _end_mlflow_run(entry, RunStatus.to_string(RunStatus.KILLED), why)
+                _end_mlflow_run(entry, "KILLED", why)
             else:
                 _crash_flow_run(entry["prefect_flow_run"], why)
 
 
 def _end_mlflow_run(entry: dict[str, str], status: str, why: str) -> bool:
     """End the run if it is still running; False when the tracking server could not be asked."""
-    client = client_for(entry["tracking_uri"])
+    run = RunLogger(client_for(entry["tracking_uri"]), entry["mlflow_run"])
     try:
-        if client.get_run(entry["mlflow_run"]).info.status == "RUNNING":
-            client.set_tag(entry["mlflow_run"], ABANDONED_TAG, why)
-            client.set_terminated(entry["mlflow_run"], status=status)
+        if run.client.get_run(run.run_id).info.status == "RUNNING":
+            run.set_tags({ABANDONED_TAG: why})
+            run.finish(status)
         return True
     except MlflowException as err:  # deleted meanwhile, or on a server no longer there
         logger.warning("could not end MLflow run %s: %s", entry["mlflow_run"], err)

@@ -400,8 +400,9 @@ def retrain(
             held.enter_context(registry_turn(tracking_uri, wait_s, project / REGISTRY_LEASE_RECORD))
         except TimeoutError:
             return nothing_done(f"another genpipe run is writing to the registry at {tracking_uri}")
-        pipeline_id = str(flow_run.get_id() or "local")
-        open_runs = held.enter_context(OpenRuns(project / OPEN_RUNS_RECORD, flow_run.get_id()))
+        flow_run_id = flow_run.get_id()
+        pipeline_id = str(flow_run_id or "local")
+        open_runs = held.enter_context(OpenRuns(project / OPEN_RUNS_RECORD, flow_run_id))
         parent = RunLogger.start(
             client_for(tracking_uri),
             params["tracking"]["experiment"],
