@@ -21,18 +21,23 @@ def downsampled_size(size: int, times: int) -> int:
     return size
 
 
+def halvings_to_final_side(side: int) -> int:
+    """Stride-2 stages that bring a side to at most 4 pixels, and at least 2 (8 -> 2, 32 -> 3, 64 -> 4)."""
+    stages = MIN_STAGES
+    while downsampled_size(side, stages) > FINAL_SIDE:
+        stages += 1
+    return stages
+
+
 def downsampling_stages(image_shape: Sequence[int], owner: str) -> int:
-    """Stride-2 stages that bring an image to a map of at most 4 x 4 on its smaller side (at least 2:
-    8 x 8 -> 2, 28 x 28 and 32 x 32 -> 3, 64 x 64 -> 4); `owner` names the model in the error."""
+    """`halvings_to_final_side` of the image's smaller side; `owner` names the model in the error
+    raised for an image below the 4 x 4 minimum."""
     c, h, w = image_shape
     if min(h, w) < MIN_SIDE:
         raise ValueError(
             f"{owner}: images of {c}x{h}x{w} are smaller than its minimum of {MIN_SIDE}x{MIN_SIDE} pixels"
         )
-    stages = MIN_STAGES
-    while downsampled_size(min(h, w), stages) > FINAL_SIDE:
-        stages += 1
-    return stages
+    return halvings_to_final_side(min(h, w))
 
 
 def stage_channels(stages: int, channels: int) -> list[int]:
