@@ -343,9 +343,9 @@ def import_data(
 @data_app.command("builtin")
 def builtin_data(
     name: Annotated[str, typer.Argument(help="shapes (rendered colour shapes, labelled) or digits.")],
-    size: Annotated[int | None, typer.Option(help="shapes: number of images [default: 10000].")] = None,
+    size: Annotated[int | None, typer.Option(help="shapes: number of images (default 10000).")] = None,
     resolution: Annotated[
-        int | None, typer.Option(help="shapes: side in pixels, 16 to 256 [default: 32].")
+        int | None, typer.Option(help="shapes: side in pixels, 16 to 256 (default 32).")
     ] = None,
     seed: Annotated[int, typer.Option(help="shapes: the same seed gives the same bytes.")] = 0,
     grey: Annotated[bool, typer.Option("--grey", help="shapes: one grey channel instead of RGB.")] = False,
