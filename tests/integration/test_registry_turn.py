@@ -9,7 +9,7 @@ import pytest
 
 import flows.registry_turn as registry_turn_module
 from flows.journal import Holder
-from flows.registry_turn import RegistryBusy, registry_turn
+from flows.registry_turn import LEASE_S, RegistryBusy, limit_name, registry_turn
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +30,27 @@ def test_a_second_holder_is_told_who_holds_the_turn_then_gets_it_once_it_is_free
     assert f"pid {first.pid}" in str(first) and first.since in str(first)
     with registry_turn(uri, wait_s=0, holder=second):
         pass
+
+
+def test_with_temporary_servers_a_dead_runs_turn_comes_back_after_the_lease_duration(tmp_path):
+    """The default set-up: no Prefect server configured, so each run starts a temporary one on the
+    database in PREFECT_HOME, and none of them runs Prefect's repossessor of expired leases."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    uri = f"{URI}-{tmp_path.name}"
+    with temporary_settings(
+        updates={PREFECT_HOME: str(tmp_path / "prefect-home")}, restore_defaults={PREFECT_API_URL}
+    ):
+        with get_client(
+            sync_client=True
+        ) as client:  # a run of another project, killed while it held the turn
+            client.upsert_global_concurrency_limit_by_name(limit_name(uri), limit=1)
+            client.increment_concurrency_slots_with_lease([limit_name(uri)], 1, "concurrency", LEASE_S)
+        granted = time.monotonic()
+        with registry_turn(uri, wait_s=LEASE_S * 3, holder=Holder.this_process("next-run")):
+            waited_s = time.monotonic() - granted
+    assert LEASE_S - 5 < waited_s < LEASE_S * 2
 
 
 def test_the_lease_is_renewed_on_the_server_that_granted_it(prefect_server, tmp_path, monkeypatch, caplog):
