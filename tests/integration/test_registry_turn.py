@@ -36,15 +36,21 @@ def test_with_temporary_servers_a_dead_runs_turn_comes_back_after_the_lease_dura
     """The default set-up: no Prefect server configured, so each run starts a temporary one on the
     database in PREFECT_HOME, and none of them runs Prefect's repossessor of expired leases."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
     uri = f"{URI}-{tmp_path.name}"
-    with temporary_settings(
-        updates={PREFECT_HOME: str(tmp_path / "prefect-home")}, restore_defaults={PREFECT_API_URL}
-    ):
-        with get_client(
-            sync_client=True
-        ) as client:  # a run of another project, killed while it held the turn
+    temporary_server = {
+        PREFECT_HOME: str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 300,  # a busy test machine starts it slowly
+    }
+    with temporary_settings(updates=temporary_server, restore_defaults={PREFECT_API_URL}):
+        # A run of another project, killed while it held the turn.
+        with get_client(sync_client=True) as client:
             client.upsert_global_concurrency_limit_by_name(limit_name(uri), limit=1)
             client.increment_concurrency_slots_with_lease([limit_name(uri)], 1, "concurrency", LEASE_S)
         granted = time.monotonic()
