@@ -24,7 +24,7 @@ from uuid import UUID
 
 import psutil
 from mlflow.exceptions import MlflowException
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
@@ -204,7 +204,7 @@ def _end_mlflow_run(entry: dict[str, str], status: str, why: str) -> bool:
         return False
 
 
-def _crash_flow_run(client, flow_run_id: str, why: str) -> None:
+def _crash_flow_run(client: SyncPrefectClient, flow_run_id: str, why: str) -> None:
     try:
         state = client.read_flow_run(UUID(flow_run_id)).state
     except (ObjectNotFound, ValueError):  # recorded on another Prefect server, or run outside a flow
