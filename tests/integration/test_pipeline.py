@@ -188,22 +188,32 @@ def test_an_overlapping_run_skips_while_another_holds_the_project_lock(trained_p
     versions = len(client_for(trained_project).search_model_versions("name = 'digits.vae'"))
     with FileLock(trained_project / ".genpipe.lock"):
         state = run_flow(trained_project, ["vae"], epochs=2)
-    assert state.is_completed() and "another genpipe run holds" in state.message
+    assert state.is_cancelled() and "another genpipe run holds" in state.message
     assert [row["status"] for row in state.result(raise_on_failure=False)] == ["skipped"]
     assert len(client_for(trained_project).search_model_versions("name = 'digits.vae'")) == versions
 
 
 def test_a_run_elsewhere_writing_to_the_same_registry_makes_an_overlapping_run_skip(trained_project):
+    from typer.testing import CliRunner
+
+    from flows.cli import EXIT_SKIPPED, app
+    from flows.journal import Holder
     from flows.registry_turn import registry_turn
 
     client = client_for(trained_project)
     versions = len(client.search_model_versions("name = 'digits.vae'"))
+    elsewhere = Holder.this_process("a-run-on-another-host")
     # What a run on another host holds while it trains and registers: the registry's turn on the
     # shared Prefect server (the project lock here stays free).
-    with registry_turn(resolve_tracking_uri(None, trained_project), wait_s=0):
-        state = run_flow(trained_project, ["vae"], epochs=2)
-    assert state.is_completed() and "another genpipe run is writing to the registry" in state.message
-    assert [row["status"] for row in state.result(raise_on_failure=False)] == ["skipped"]
+    with registry_turn(resolve_tracking_uri(None, trained_project), wait_s=0, holder=elsewhere):
+        result = CliRunner().invoke(
+            app, ["run", "--models", "vae", "--epochs", "2", "-C", str(trained_project)]
+        )
+    output = " ".join(result.output.split())
+    assert result.exit_code == EXIT_SKIPPED != 0, result.output
+    assert "another genpipe run is writing to the registry" in output and "nothing done" in output
+    assert f"flow run a-run-on-another-host on host {elsewhere.host}, pid {elsewhere.pid}" in output
+    assert f"since {elsewhere.since}" in output
     assert len(client.search_model_versions("name = 'digits.vae'")) == versions
 
 
