@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run test lint format bench clean browser
 
 setup: $(STAMP)
 
@@ -22,8 +22,14 @@ run: $(STAMP)
 # which a second process overlaps. Whole files go to one process, so module fixtures start once.
 TEST_PROCESSES ?= 2
 
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=15
+
+# The browser tests drive Debian's chromium and its driver; installed once, a no-op when present.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
