@@ -39,6 +39,7 @@ from components.registry.lineage import (
 from components.registry.models import (
     PromotionPolicy,
     decide_promotion,
+    describe_version,
     load_version,
     publish_to_production,
     register_version,
@@ -225,9 +226,10 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             scaling(inputs.params).workers,
             job.epochs,
         )
-        outcome = train_model(
-            job, data, inputs.params, project_dir=Path(inputs.project_dir), run_name=planned.ray_run_name
-        )
+        with run.system_metrics(float(inputs.params["tracking"]["system_metrics_interval_s"])):
+            outcome = train_model(
+                job, data, inputs.params, project_dir=Path(inputs.project_dir), run_name=planned.ray_run_name
+            )
         run.log_history(outcome.history)
         run.set_tags({"resumed_from_step": outcome.resumed_from_step})
         last = outcome.history[-1] if outcome.history else {}
@@ -316,6 +318,7 @@ def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inpu
             reevaluate=lambda champion: _evaluate(load_version(client, champion), inputs),
             policy=policy,
         )
+        describe_version(client, name, version, decision)
         if decision.promoted:
             production_uri = registry["production_registry_uri"]
             published = publish_to_production(

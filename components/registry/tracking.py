@@ -6,6 +6,7 @@ several models can log from concurrent threads safely.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -14,10 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import mlflow
 import numpy as np
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from components.evaluation.evaluate import Evaluation
@@ -25,6 +28,16 @@ from components.evaluation.images import save_grid
 from components.registry.pyfunc import write_model_package
 
 MAX_PARAM_LENGTH = 6000
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI shows GenAI pages (traces, token usage) or model-training pages (runs, registry)
+# by its workflow switch: the URL's `workflowType`, else the browser's last choice, GenAI at first.
+# Links genpipe prints carry the switch; the experiment's kind tag is what other MLflow UIs read.
+UI_WORKFLOW = "workflowType=machine_learning"
+IMAGES_DIR = "images"
+SAMPLES_ARTIFACT = f"{IMAGES_DIR}/samples.png"  # the grid of a model's samples, logged by its evaluation
+
+# The monitor announces itself (and the lack of a GPU) once per model; only its problems matter.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def resolve_tracking_uri(configured: str | None = None, workdir: str | Path = ".") -> str:
@@ -41,8 +54,11 @@ def client_for(tracking_uri: str) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created as a model-training experiment (older ones are marked so)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     artifact_location = None
     if client.tracking_uri.startswith("sqlite:///"):
@@ -50,9 +66,26 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         database = Path(client.tracking_uri.removeprefix("sqlite:///"))
         artifact_location = (database.parent / "mlruns").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+        )
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
         return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_experiment_url(ui_url: str, experiment: str) -> str:
+    """The MLflow UI page of an experiment's runs (by id), in the UI's model-training view."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment}/runs?{UI_WORKFLOW}"
+
+
+def ui_model_url(ui_url: str, name: str) -> str:
+    """The MLflow UI page of a registered model, with its versions and aliases."""
+    return f"{ui_url.rstrip('/')}/#/models/{quote(name, safe='')}?{UI_WORKFLOW}"
+
+
+def ui_artifact_path(experiment: str, run_id: str, path: str) -> str:
+    """A link, relative to the UI's own page, to a run's artifact (e.g. in a version description)."""
+    return f"#/experiments/{experiment}/runs/{run_id}/artifactPath/{path}?{UI_WORKFLOW}"
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -123,7 +156,7 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as tmp:
             for name, (images, columns) in evaluation.images.items():
                 save_grid(images, Path(tmp) / f"{name}.png", columns)
-            self.client.log_artifacts(self.run_id, tmp, "images")
+            self.client.log_artifacts(self.run_id, tmp, IMAGES_DIR)
 
     def log_model_package(self, model_dir: Path) -> tuple[str, str]:
         """Upload the weights as a data-only pyfunc model (no optimiser state).
@@ -134,6 +167,19 @@ class RunLogger:
             digest = write_model_package(Path(model_dir), Path(tmp))
             self.client.log_artifacts(self.run_id, tmp, "model")
         return f"{self.client.get_run(self.run_id).info.artifact_uri}/model", digest
+
+    @contextmanager
+    def system_metrics(self, interval_s: float) -> Iterator[None]:
+        """Log this host's CPU, memory, disk, network (and GPU, where NVML finds one) every
+        `interval_s` as the run's `system/*` metrics while the block runs."""
+        monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval_s, tracking_uri=self.client.tracking_uri
+        )
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     @contextmanager
     def fail_on_error(self) -> Iterator[None]:
