@@ -175,6 +175,26 @@ def status(
 
 
 @app.command()
+def report(
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write.")] = Path("report.html"),
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Write one self-contained HTML page: each family's champion, scores, samples and training curves."""
+    from components.data.prepared import load_prepared
+    from components.data.raw import DataError
+    from components.report.page import report_html
+
+    params, uri, client = _tracking(project_dir)
+    try:
+        prepared = load_prepared(project_dir / params["data"]["prepared_dir"])
+    except DataError as err:
+        console.print(f"[yellow]no real images in the report:[/yellow] {err}")
+        prepared = None
+    output.write_text(report_html(client, params["registry"]["production_prefix"], prepared))
+    console.print(f"Wrote the report of {uri} to {output}")
+
+
+@app.command()
 def sample(
     model: Annotated[str, typer.Option(help="Family name, e.g. vae.")],
     alias: Annotated[str, typer.Option(help="Registry alias to load.")] = "champion",

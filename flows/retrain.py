@@ -47,6 +47,7 @@ from components.registry.models import (
     version_with_tag,
 )
 from components.registry.tracking import RunLogger, client_for, resolve_tracking_uri
+from components.report.page import report_html
 from components.training.jobs import RunLedger, scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
@@ -57,6 +58,7 @@ LOCK_FILE = ".genpipe.lock"
 TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 3}
 REGISTRY_LEASE_RECORD = "outputs/registry-turn.lease"
 OPEN_RUNS_RECORD = "outputs/open-runs.jsonl"
+REPORT_ARTIFACT = "report.html"
 
 
 @functools.lru_cache(maxsize=2)
@@ -370,6 +372,16 @@ def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
     return results
 
 
+def _log_report(parent: RunLogger, inputs: Inputs) -> None:
+    """The report page as this run leaves the registry, as an artifact of the pipeline's parent run."""
+    try:
+        page = report_html(parent.client, inputs.params["registry"]["production_prefix"], inputs.data())
+    except Exception as err:  # the models are registered either way; a report must not undo that
+        get_run_logger().warning("report page not written (%s: %s)", type(err).__name__, err)
+        return
+    parent.log_text(page, REPORT_ARTIFACT)
+
+
 @flow(name="genpipe-retrain", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def retrain(
     project_dir: str = ".",
@@ -437,6 +449,7 @@ def retrain(
         with ray_cluster(ray_address) if needs_cluster else nullcontext():
             results = _run_branches(plans, inputs)
         failed = [r for r in results if r.status == "failed"]
+        _log_report(parent, inputs)
         parent.set_tags({"failed_models": ",".join(r.model for r in failed), "run_by": getpass.getuser()})
         parent.finish("FAILED" if failed else "FINISHED")
 

@@ -158,6 +158,10 @@ class RunLogger:
                 save_grid(images, Path(tmp) / f"{name}.png", columns)
             self.client.log_artifacts(self.run_id, tmp, IMAGES_DIR)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text file (e.g. an HTML page) as an artifact of the run."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def log_model_package(self, model_dir: Path) -> tuple[str, str]:
         """Upload the weights as a data-only pyfunc model (no optimiser state).
 
