@@ -233,6 +233,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
                 job, data, inputs.params, project_dir=Path(inputs.project_dir), run_name=planned.ray_run_name
             )
         run.log_history(outcome.history)
+        run.log_progress_samples(outcome.progress_samples)
         run.set_tags({"resumed_from_step": outcome.resumed_from_step})
         last = outcome.history[-1] if outcome.history else {}
         logger.info(

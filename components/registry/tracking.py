@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from components.evaluation.evaluate import Evaluation
-from components.evaluation.images import save_grid
+from components.evaluation.images import image_grid, save_grid
 from components.registry.pyfunc import write_model_package
 
 MAX_PARAM_LENGTH = 6000
@@ -35,6 +36,7 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 UI_WORKFLOW = "workflowType=machine_learning"
 IMAGES_DIR = "images"
 SAMPLES_ARTIFACT = f"{IMAGES_DIR}/samples.png"  # the grid of a model's samples, logged by its evaluation
+PROGRESS_SAMPLES_KEY = "training_samples"  # the image key of the grids drawn during training, by epoch
 
 # The monitor announces itself (and the lack of a GPU) once per model; only its problems matter.
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
@@ -47,6 +49,21 @@ def resolve_tracking_uri(configured: str | None = None, workdir: str | Path = ".
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(Path(workdir) / 'mlflow.db').resolve()}"
+
+
+def is_server(tracking_uri: str) -> bool:
+    """Whether the store is a tracking server (which already serves the UI) rather than a local file."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def ui_server_command(tracking_uri: str, host: str, port: int, artifacts_dir: Path) -> tuple[list[str], dict]:
+    """The `mlflow server` command line and environment that serve a local store's UI in a browser."""
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"),
+        *("--backend-store-uri", tracking_uri, "--artifacts-destination", str(artifacts_dir)),
+    ]
+    # Its job runner (for GenAI jobs genpipe does not use) costs ~40 s of CPU at start-up.
+    return command, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
@@ -142,6 +159,12 @@ class RunLogger:
             self.log_metrics(
                 {f"train/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, epoch
             )
+
+    def log_progress_samples(self, grids: dict[int, np.ndarray]) -> None:
+        """Sample grids drawn during training, one MLflow image step per epoch (the UI's step slider)."""
+        for epoch, images in sorted(grids.items()):
+            picture = image_grid(images.astype(np.float32) / 255)
+            self.client.log_image(self.run_id, picture, key=PROGRESS_SAMPLES_KEY, step=epoch)
 
     def log_dataset(self, images: np.ndarray, *, name: str, version: str, source: str, context: str) -> None:
         dataset = mlflow.data.from_numpy(images, source=source, name=name, digest=version[:36])
