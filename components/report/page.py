@@ -122,6 +122,10 @@ def _charts(family: FamilySummary) -> str:
     )
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def render_report(summary: RegistrySummary) -> str:
     """The whole page as one HTML string."""
     if summary.families:
@@ -139,7 +143,7 @@ def render_report(summary: RegistrySummary) -> str:
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>genpipe report</title><style>{STYLE}</style></head><body>"
-        f"<header><h1>genpipe report</h1><p>{len(summary.families)} model families registered in "
+        f"<header><h1>genpipe report</h1><p>{_count(len(summary.families), 'model family', 'model families')} registered in "
         f"<code>{escape(summary.tracking_uri)}</code> &middot; generated {escape(summary.generated)}</p></header>"
         f"<main>{body}</main>"
         "<footer>Every score is measured on the test split of the data version shown with its model; "

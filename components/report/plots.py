@@ -51,13 +51,25 @@ def _label(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _legend_positions(labels: list[str]) -> list[tuple[float, float]]:
+    """Where each legend entry goes: rows under the chart, wrapped at its width."""
+    positions, x, y = [], float(MARGIN_LEFT), HEIGHT + 12.0
+    for label in labels:
+        width = 24 + 6.2 * len(label)  # swatch, gap, and about the width of an 11 px character
+        if x + width > WIDTH and x > MARGIN_LEFT:
+            x, y = float(MARGIN_LEFT), y + 16
+        positions.append((x, y))
+        x += width + 10
+    return positions
+
+
 def line_chart(series: list[Series], *, x_label: str, y_label: str) -> str:
     """An SVG chart of one or more series over whole-numbered x (epochs, versions), with a legend."""
     xs = [x for s in series for x, _ in s.points]
     ys = [y for s in series for _, y in s.points if math.isfinite(y)]
     if not xs or not ys:
         return (
-            f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" xmlns="http://www.w3.org/2000/svg">'
+            f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img">'
             f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" class="empty">no data</text></svg>'
         )
     x_ticks = sorted({round(t) for t in nice_ticks(min(xs), max(xs), 6) if abs(t - round(t)) < 1e-9})
@@ -76,9 +88,9 @@ def line_chart(series: list[Series], *, x_label: str, y_label: str) -> str:
     def py(y: float) -> float:
         return MARGIN_TOP + (1 - (y - y_low) / (y_high - y_low)) * plot_h
 
-    parts = [
-        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" xmlns="http://www.w3.org/2000/svg">'
-    ]
+    legend = _legend_positions([item.label for item in series]) if len(series) > 1 else []
+    height = max([HEIGHT, *(y + 8 for _, y in legend)])
+    parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img">']
     for tick in y_ticks:
         y = py(tick)
         parts.append(
@@ -122,12 +134,9 @@ def line_chart(series: list[Series], *, x_label: str, y_label: str) -> str:
                 parts.append(
                     f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="7.5" fill="none" stroke="#ca8a04" stroke-width="2"/>'
                 )
-    if len(series) > 1:
-        for index, item in enumerate(series):
-            colour = PALETTE[index % len(PALETTE)]
-            x, y = WIDTH - MARGIN_RIGHT - 150, MARGIN_TOP + 6 + 15 * index
-            parts.append(f'<rect x="{x - 4}" y="{y - 6}" width="150" height="15" fill="#fff" opacity=".85"/>')
-            parts.append(f'<rect x="{x}" y="{y}" width="12" height="3" fill="{colour}"/>')
-            parts.append(f'<text class="legend" x="{x + 17}" y="{y + 5}">{escape(item.label)}</text>')
+    for index, (x, y) in enumerate(legend):
+        colour = PALETTE[index % len(PALETTE)]
+        parts.append(f'<rect x="{x}" y="{y - 4}" width="12" height="3" fill="{colour}"/>')
+        parts.append(f'<text class="legend" x="{x + 17}" y="{y}">{escape(series[index].label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
