@@ -89,8 +89,10 @@ def browser():
 
 def screenshot(driver, path: Path) -> Path:
     """The whole page, not only the window: the window is made as tall as the page first."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(height, 600) + 40, 4000))
+    height = driver.execute_script(
+        "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)"
+    )
+    driver.set_window_size(1400, min(max(height, 600) + 200, 5000))  # the window's frame takes some of it
     driver.save_screenshot(str(path))
     return path
 
