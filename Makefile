@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test test-fast lint format bench clean
+.PHONY: setup run test test-fast lint format bench clean browser
 
 setup: $(STAMP)
 
@@ -22,8 +22,14 @@ run: $(STAMP)
 # which a second process overlaps. Whole files go to one process, so module fixtures start once.
 TEST_PROCESSES ?= 2
 
-test: $(STAMP) lint
+test: $(STAMP) lint browser
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=15
+
+# The browser tests drive Debian's chromium and its driver; installed once, a no-op when present.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
 # The inner loop while developing: lint plus every test that starts no server and no Ray (models, the
 # trainer in-process, data and DVC, the registry on SQLite). CI runs the whole suite (`make test`).

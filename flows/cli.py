@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 # sysexits' EX_TEMPFAIL: nothing was done because another run was busy; trying again later may work.
 EXIT_SKIPPED = 75
+UI_START_TIMEOUT_S = 120
 
 ProjectDir = Annotated[Path, typer.Option("--project-dir", "-C", help="Project directory with params.yaml.")]
 
@@ -177,6 +181,121 @@ def status(
     for row in rows:
         table.add_row(*(str(value) for value in {**row, "data_version": row["data_version"][:12]}.values()))
     console.print(table)
+
+
+def _serve(command: list[str], env: dict, log: Path, health_url: str, what: str) -> subprocess.Popen:
+    """Start a server in its own process group, its output in `log`; return once `health_url` answers."""
+    import requests
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + UI_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise _fail(
+                f"{what} exited with code {process.returncode}; its log ({log}):\n{log.read_text()[-2000:]}"
+            )
+        try:
+            if requests.get(health_url, timeout=2).ok:
+                return process
+        except requests.RequestException:
+            pass  # not listening yet
+        time.sleep(0.5)
+    _stop(process)
+    raise _fail(f"{what} did not answer at {health_url} within {UI_START_TIMEOUT_S} s; see {log}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a server started by `_serve` and the workers it started (its process group)."""
+    with contextlib.suppress(ProcessLookupError):  # the whole group has already exited
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    prefect: Annotated[bool, typer.Option("--prefect", help="Also start the Prefect UI.")] = False,
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect UI.")] = 4200,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Open the MLflow UI on the project's tracking store (and the Prefect UI); Ctrl-C stops them."""
+    from components.registry.tracking import experiment_id, is_server, ui_experiment_url, ui_server_command
+
+    params, uri, client = _tracking(project_dir)
+    servers: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped by a service manager: stop the servers too
+    logs = project_dir / "outputs"
+    try:
+        if is_server(uri):
+            base = uri
+        else:
+            command, env = ui_server_command(uri, host, port, (project_dir / "mlruns").resolve())
+            base = f"http://{host}:{port}"
+            servers.append(_serve(command, env, logs / "mlflow-ui.log", f"{base}/health", "mlflow server"))
+        experiment = experiment_id(client, params["tracking"]["experiment"])
+        console.print(f"MLflow UI:  [bold]{ui_experiment_url(base, experiment)}[/bold]   (store: {uri})")
+        if prefect:
+            api = os.environ.get("PREFECT_API_URL")
+            if api:
+                console.print(f"Prefect UI: [bold]{api.removesuffix('/').removesuffix('/api')}[/bold]")
+            else:
+                prefect_bin = str(Path(sys.executable).parent / "prefect")
+                command = [prefect_bin, "server", "start", "--host", host, "--port", str(prefect_port)]
+                prefect_url = f"http://{host}:{prefect_port}"
+                servers.append(
+                    _serve(
+                        command,
+                        dict(os.environ),
+                        logs / "prefect-ui.log",
+                        f"{prefect_url}/api/health",
+                        "prefect server",
+                    )
+                )
+                console.print(f"Prefect UI: [bold]{prefect_url}[/bold]")
+        if not servers:
+            return
+        console.print(f"Server logs in {logs}; Ctrl-C stops the UI.")
+        while all(server.poll() is None for server in servers):
+            time.sleep(1)
+        raise _fail(f"a UI server stopped on its own; see the logs in {logs}")
+    except KeyboardInterrupt:
+        console.print("stopping the UI")
+    finally:
+        for server in servers:
+            _stop(server)
+
+
+@app.command()
+def report(
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write.")] = Path("report.html"),
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Write one self-contained HTML page: each family's champion, scores, samples and training curves."""
+    from components.data.prepared import load_prepared
+    from components.data.raw import DataError
+    from components.report.page import report_html
+
+    params, uri, client = _tracking(project_dir)
+    try:
+        prepared = load_prepared(project_dir / params["data"]["prepared_dir"])
+    except DataError as err:
+        console.print(f"[yellow]no real images in the report:[/yellow] {err}")
+        prepared = None
+    output.write_text(report_html(client, params["registry"]["production_prefix"], prepared))
+    console.print(f"Wrote the report of {uri} to {output}")
 
 
 @app.command()

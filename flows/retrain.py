@@ -39,6 +39,7 @@ from components.registry.lineage import (
 from components.registry.models import (
     PromotionPolicy,
     decide_promotion,
+    describe_version,
     load_version,
     publish_to_production,
     register_version,
@@ -46,6 +47,7 @@ from components.registry.models import (
     version_with_tag,
 )
 from components.registry.tracking import RunLogger, client_for, resolve_tracking_uri
+from components.report.page import report_html
 from components.training.jobs import scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
@@ -54,6 +56,7 @@ from flows.registry_turn import RegistryBusy, registry_turn
 
 LOCK_FILE = ".genpipe.lock"
 TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 3}
+REPORT_ARTIFACT = "report.html"
 
 
 @functools.lru_cache(maxsize=2)
@@ -221,10 +224,12 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             scaling(inputs.params).workers,
             job.epochs,
         )
-        outcome = train_model(
-            job, data, inputs.params, project_dir=Path(inputs.project_dir), run_name=planned.ray_run_name
-        )
+        with run.system_metrics(float(inputs.params["tracking"]["system_metrics_interval_s"])):
+            outcome = train_model(
+                job, data, inputs.params, project_dir=Path(inputs.project_dir), run_name=planned.ray_run_name
+            )
         run.log_history(outcome.history)
+        run.log_progress_samples(outcome.progress_samples)
         run.set_tags({"resumed_from_step": outcome.resumed_from_step})
         last = outcome.history[-1] if outcome.history else {}
         logger.info(
@@ -312,6 +317,7 @@ def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inpu
             reevaluate=lambda champion: _evaluate(load_version(client, champion), inputs),
             policy=policy,
         )
+        describe_version(client, name, version, decision)
         if decision.promoted:
             production_uri = registry["production_registry_uri"]
             published = publish_to_production(
@@ -377,6 +383,16 @@ def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
             final.wait()
             results.append(final.result() if final.state.is_completed() else _branch_failure(model, futures))
     return results
+
+
+def _log_report(parent: RunLogger, inputs: Inputs) -> None:
+    """The report page as this run leaves the registry, as an artifact of the pipeline's parent run."""
+    try:
+        page = report_html(parent.client, inputs.params["registry"]["production_prefix"], inputs.data())
+    except Exception as err:  # the models are registered either way; a report must not undo that
+        get_run_logger().warning("report page not written (%s: %s)", type(err).__name__, err)
+        return
+    parent.log_text(page, REPORT_ARTIFACT)
 
 
 @flow(name="genpipe-retrain", log_prints=True)
@@ -455,6 +471,7 @@ def retrain(
         with ray_cluster(ray_address) if needs_cluster else nullcontext():
             results = _run_branches(plans, inputs)
         failed = [r for r in results if r.status == "failed"]
+        _log_report(parent, inputs)
         parent.set_tags({"failed_models": ",".join(r.model for r in failed), "run_by": getpass.getuser()})
         parent.finish("FAILED" if failed else "FINISHED")
 

@@ -22,13 +22,42 @@ from mlflow.tracking import MlflowClient
 from components.evaluation.evaluate import Evaluation
 from components.models import GenerativeModel
 from components.registry.pyfunc import DATA_DIR, TamperedArtifact, verify
-from components.registry.tracking import experiment_id
+from components.registry.tracking import SAMPLES_ARTIFACT, experiment_id, ui_artifact_path
 from components.training.trainer import load_model_dir
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DATA_VERSION_TAG, EXTRACTOR_TAG, PRIMARY_TAG = "data_version", "feature_extractor", "primary_metric"
 WEIGHTS_TAG = "weights_sha256"
 HISTORY_TAG = "champion_history"
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How a score reads to a person: its name, its unit, and the split it is measured on."""
+
+    label: str
+    unit: str = ""
+    split: str = "test"
+
+    def text(self, value: float) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.label} {value:.4g}{unit} ({self.split} split)"
+
+
+# Every score genpipe records is measured on the test split (FID/KID: samples against it).
+METRICS = {
+    "test_nll": MetricInfo("test NLL", "nats/image"),
+    "test_nll_bound": MetricInfo("test NLL bound", "nats/image"),
+    "test_negative_elbo": MetricInfo("test negative ELBO", "nats/image"),
+    "test_bits_per_dim": MetricInfo("test NLL", "bits/dim"),
+    "fid": MetricInfo("FID"),
+    "kid_mean": MetricInfo("KID"),
+}
+
+
+def metric_info(metric: str) -> MetricInfo:
+    """What `metric` is; a metric genpipe does not know is shown by its own name."""
+    return METRICS.get(metric, MetricInfo(metric))
 
 
 def registered_name(dataset: str, model: str) -> str:
@@ -241,6 +270,24 @@ def _judge(
         champion_value,
         str(champion.version),
     )
+
+
+def describe_version(client: MlflowClient, name: str, version: str, decision: Decision) -> str:
+    """Write what a version is in two lines (family, data, primary score, promotion) as its description."""
+    found = client.get_model_version(name, version)
+    tags = found.tags
+    metric = tags.get(PRIMARY_TAG, "")
+    value = float(tags.get(f"metric.{metric}", "nan"))
+    experiment = client.get_run(found.run_id).info.experiment_id
+    outcome = "promoted to champion" if decision.promoted else "not promoted"
+    description = (
+        f"**{tags.get('model', name)}** trained on data version `{tags.get(DATA_VERSION_TAG, '?')[:12]}`: "
+        f"{metric_info(metric).text(value)}, lower is better.\n\n"
+        f"{outcome.capitalize()}: {decision.reason}. "
+        f"[Sample grid]({ui_artifact_path(experiment, found.run_id, SAMPLES_ARTIFACT)})"
+    )
+    client.update_model_version(name, version, description=description)
+    return description
 
 
 def move_champion(client: MlflowClient, name: str, version: str) -> None:

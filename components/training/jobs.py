@@ -40,6 +40,7 @@ def train_job(params: dict[str, Any], model_name: str, image_shape: tuple[int, i
         precision=str(train["precision"]),
         checkpoint_every_steps=int(train["checkpoint_every_steps"]),
         compile=bool(train["compile"]),
+        sample_every_epochs=int(train["sample_every_epochs"]),
     )
 
 

@@ -31,6 +31,8 @@ WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "model.json"
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
+PROGRESS_SAMPLES_FILE = "progress_samples.npz"
+PROGRESS_GRID = 16  # images per progress grid: enough to see them improve, cheap for autoregressive models
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TrainJob:
     checkpoint_every_steps: int = 500
     channels_last: bool = True
     compile: bool = False
+    sample_every_epochs: int = 0  # a small grid of samples every this many epochs and at the end; 0: none
 
     @property
     def spec(self) -> ModelSpec:
@@ -53,6 +56,10 @@ class TrainJob:
 
     def checkpoint_due(self, step: int) -> bool:
         return self.checkpoint_every_steps > 0 and step % self.checkpoint_every_steps == 0
+
+    def samples_due(self, epoch: int) -> bool:
+        every = self.sample_every_epochs
+        return every > 0 and (epoch % every == 0 or epoch == self.epochs)
 
 
 @dataclass
@@ -64,6 +71,7 @@ class TrainOutcome:
     steps: int = 0
     diverged: str | None = None  # why training stopped early, if it did
     resumed_from_step: int = 0  # the checkpoint's step when a restarted run continued, else 0
+    progress_samples: dict[int, np.ndarray] = field(default_factory=dict)  # epoch -> uint8 N x C x H x W
 
 
 class WorkerContext(Protocol):
@@ -172,10 +180,11 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
     optimizers = model.configure_optimizers(job.lr)
     autocast_dtype = resolve_precision(job.precision, ctx.device)
     step, start_epoch, record = 0, 0, {"history": [], "resumed_from_step": 0}
+    progress: dict[int, np.ndarray] = {}
     seed_everything(job.seed + 7919 * (ctx.rank + 1))  # ranks draw different noise
     with ctx.restored_checkpoint() as restored:
         if restored is not None:
-            step, start_epoch, record = _restore(restored, model, optimizers, ctx)
+            step, start_epoch, record, progress = _restore(restored, model, optimizers, ctx)
             record["resumed_from_step"] = step
             if ctx.rank != 0:  # only rank 0's random stream is saved; the others re-derive theirs
                 seed_everything(job.seed + 7919 * (ctx.rank + 1) + step)
@@ -221,7 +230,7 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
             # One due on the epoch's last batch waits for the epoch's metrics (below): saved here, a
             # resume would find the epoch done but not in the history, and lose its training metrics.
             if job.checkpoint_due(step) and batch_index + 1 < steps_per_epoch:
-                _checkpoint(ctx, model, optimizers, step, epoch, record, {"step": step})
+                _checkpoint(ctx, model, optimizers, step, epoch, record, progress, {"step": step})
         metrics = _epoch_metrics(sums, counts, ctx)
         # Every rank sees the same all-reduced training metrics, so all of them stop together.
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
@@ -229,6 +238,8 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
             model.eval()
             with torch.no_grad():
                 metrics.update({k: float(v) for k, v in model.validation_metrics(val).items()})
+                if job.samples_due(epoch + 1):
+                    progress[epoch + 1] = _progress_samples(model, train, job.seed)
         metrics.update(epoch=epoch + 1, step=step)
         history.append(metrics)
         if bad:
@@ -237,13 +248,21 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
         # Only checkpoints are reported: Ray Train V2 keeps just the metrics that come with one, and every
         # report costs a wait for the controller's next poll.
         if job.checkpoint_due(step):
-            _checkpoint(ctx, model, optimizers, step, epoch + 1, record, metrics)
+            _checkpoint(ctx, model, optimizers, step, epoch + 1, record, progress, metrics)
 
     model.eval()
     if ctx.rank == 0 and diverged is None:
         model.fit_after_training(train)
     final = {"step": step, "diverged": 1.0 if diverged else 0.0}
-    _checkpoint(ctx, model, optimizers, step, job.epochs, record, final, reason=diverged)
+    _checkpoint(ctx, model, optimizers, step, job.epochs, record, progress, final, reason=diverged)
+
+
+@torch.no_grad()
+def _progress_samples(model: GenerativeModel, x_train: Tensor, seed: int) -> np.ndarray:
+    """Samples from fixed noise, so the grids of successive epochs show the same draws improving."""
+    model.fit_after_training(x_train)  # a fitted sampling prior (an AE's) follows the current codes
+    images = model.sample(PROGRESS_GRID, generator=torch.Generator(device=model.device).manual_seed(seed))
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def _distribute(model: GenerativeModel, ctx: WorkerContext) -> nn.Module:
@@ -269,7 +288,9 @@ def _epoch_metrics(sums: dict[str, Tensor], counts: dict[str, int], ctx: WorkerC
     return dict(zip(names, (totals / denominators).tolist(), strict=True))
 
 
-def _checkpoint(ctx: WorkerContext, model, optimizers, step, epoch, record, metrics, reason=None) -> None:
+def _checkpoint(
+    ctx: WorkerContext, model, optimizers, step, epoch, record, progress, metrics, reason=None
+) -> None:
     if ctx.rank != 0:
         ctx.report(metrics, None)
         return
@@ -284,10 +305,13 @@ def _checkpoint(ctx: WorkerContext, model, optimizers, step, epoch, record, metr
         }
         torch.save(state, directory / STATE_FILE)
         (directory / HISTORY_FILE).write_text(json.dumps({**record, "diverged": reason}, indent=2))
+        np.savez_compressed(
+            directory / PROGRESS_SAMPLES_FILE, **{f"epoch_{e}": a for e, a in progress.items()}
+        )
         ctx.report(metrics, directory)
 
 
-def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[int, int, dict]:
+def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[int, int, dict, dict]:
     load_model(model, str(directory / WEIGHTS_FILE), device=str(ctx.device))
     state = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
     for name, optimizer in optimizers.items():
@@ -295,7 +319,16 @@ def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[in
     if ctx.rank == 0:
         torch.set_rng_state(state["rng"].cpu())  # a single worker continues exactly where it stopped
     record = json.loads((directory / HISTORY_FILE).read_text())
-    return state["step"], state["epoch"], {"history": record["history"], "resumed_from_step": 0}
+    history = {"history": record["history"], "resumed_from_step": 0}
+    return state["step"], state["epoch"], history, _read_progress(directory)
+
+
+def _read_progress(directory: Path) -> dict[int, np.ndarray]:
+    path = directory / PROGRESS_SAMPLES_FILE
+    if not path.is_file():  # a checkpoint written before progress grids existed
+        return {}
+    with np.load(path) as grids:
+        return {int(name.removeprefix("epoch_")): grids[name] for name in grids.files}
 
 
 def read_outcome(checkpoint_dir: Path) -> TrainOutcome:
@@ -303,5 +336,10 @@ def read_outcome(checkpoint_dir: Path) -> TrainOutcome:
     record = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
     steps = record["history"][-1]["step"] if record["history"] else 0
     return TrainOutcome(
-        checkpoint_dir, record["history"], steps, record["diverged"], record.get("resumed_from_step", 0)
+        checkpoint_dir,
+        record["history"],
+        steps,
+        record["diverged"],
+        record.get("resumed_from_step", 0),
+        _read_progress(checkpoint_dir),
     )
