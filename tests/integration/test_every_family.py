@@ -34,10 +34,11 @@ def test_every_family_trains_through_the_flow_and_is_registered_with_its_scores(
         metrics = {
             k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")
         }
-        assert metrics["fid"] >= 0 and metrics["kid_mean"] == metrics["kid_mean"], family
+        assert metrics["test_fid"] >= 0 and metrics["test_kid_mean"] == metrics["test_kid_mean"], family
         primary = model_class(family).primary_metric
-        assert version.tags["primary_metric"] == primary and primary in metrics, family
-        if primary == "test_nll":
+        assert version.tags["primary_metric"] == f"val_{primary}", family
+        assert {f"val_{primary}", f"test_{primary}"} <= set(metrics), family
+        if primary == "nll":
             assert metrics["test_bits_per_dim"] > 0
         if primary == "fid" and "test_reconstruction_sse" not in metrics:
             assert "test_parzen_ll_estimate" in metrics, family
