@@ -1,7 +1,7 @@
 """The retraining DAG: prepare -> plan -> for each model: train -> evaluate -> register -> promote.
 
-Tasks only compose components. The plan skips models whose inputs (data version, params, family
-code) are unchanged since their last registered version. A failing model fails its own branch;
+Tasks only compose components. The plan skips models whose inputs (prepared data, feature
+extractor, params, the code the family executes) are unchanged since their last registered version. A failing model fails its own branch;
 the others finish, and the flow's final state names every model that failed and why.
 """
 

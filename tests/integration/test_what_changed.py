@@ -119,5 +119,6 @@ def test_a_new_split_retrains_on_the_prepared_data_and_says_so(trained, ray_inst
 def test_a_change_to_a_module_outside_every_familys_closure_retrains_nothing(trained, ray_instance):
     before = versions(trained)
     append_comment(trained, "components/data/importers.py")  # `genpipe data import` only
-    output = genpipe_run(trained, ray_instance, FAMILIES)
+    # The families whose other inputs are current (wgan and dcgan have not seen the new split yet).
+    output = genpipe_run(trained, ray_instance, ("vae", "nade"))
     assert retrained_because(trained, before) == {}, output
