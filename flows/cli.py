@@ -340,5 +340,31 @@ def import_data(
     console.print(commit_hint(dataset))
 
 
+@data_app.command("builtin")
+def builtin_data(
+    name: Annotated[str, typer.Argument(help="shapes (rendered colour shapes, labelled) or digits.")],
+    size: Annotated[int | None, typer.Option(help="shapes: number of images (default 10000).")] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="shapes: side in pixels, 16 to 256 (default 32).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="shapes: the same seed gives the same bytes.")] = 0,
+    grey: Annotated[bool, typer.Option("--grey", help="shapes: one grey channel instead of RGB.")] = False,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Replace data/raw with a built-in dataset, generated here, and track it with DVC."""
+    from components.data.importers import builtin_dataset, check_project, commit_hint, install_dataset
+    from components.data.raw import DataError
+    from components.data.versioning import DvcError
+
+    try:
+        check_project(project_dir)
+        dataset = install_dataset(
+            builtin_dataset(name, size=size, resolution=resolution, seed=seed, grey=grey), project_dir
+        )
+    except (DataError, DvcError) as err:
+        raise _fail(str(err)) from err
+    console.print(commit_hint(dataset))
+
+
 if __name__ == "__main__":
     app()

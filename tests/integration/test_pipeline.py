@@ -1,4 +1,9 @@
-"""The whole retraining flow on real Prefect, Ray, MLflow (SQLite) and DVC, on the built-in digits."""
+"""The whole retraining flow on real Prefect, Ray, MLflow (SQLite) and DVC, on the built-in digits.
+
+One flow run trains every family once (the module's fixture); the tests of the lifecycle (a worse
+candidate, skips, --force, new data, the read-only and manual commands) then work on its registry
+instead of each training their own first version.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,37 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from components.models import list_models
+from components.models.registry import model_class
 from components.registry.models import CHALLENGER, CHAMPION
 from components.registry.tracking import resolve_tracking_uri
 from flows.retrain import retrain
 
 pytestmark = pytest.mark.integration
 
-TINY = {"train": {"epochs": 1}, "evaluate": {"num_samples": 200, "importance_samples": 10}}
+TINY = {
+    "train": {"epochs": 1, "max_concurrent_models": 2, "per_model": {"gan": {"epochs": 1}}},
+    "evaluate": {"num_samples": 100, "importance_samples": 5},
+}
 
 
-def run_flow(project: Path, models: list[str], **train):
+def run_flow(project: Path, models: list[str], force: bool = False, data_rev: str | None = None, **train):
     overrides = {**TINY, "train": {**TINY["train"], **train}}
-    return retrain(project_dir=str(project), models=models, overrides=overrides, return_state=True)
+    return retrain(
+        project_dir=str(project),
+        models=models,
+        overrides=overrides,
+        force=force,
+        data_rev=data_rev,
+        return_state=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def trained_project(tmp_path_factory, ray_instance, prefect_server, project_factory):
-    """One project in which the VAE has been through the flow once."""
+    """One project in which every family has been through the flow once."""
     project = project_factory(tmp_path_factory.mktemp("pipeline") / "project")
-    state = run_flow(project, ["vae"])
+    state = run_flow(project, list_models())
     assert state.is_completed(), state.message
     return project
 
@@ -35,6 +52,23 @@ def trained_project(tmp_path_factory, ray_instance, prefect_server, project_fact
 def client_for(project: Path) -> MlflowClient:
     uri = resolve_tracking_uri(None, project)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_every_family_trains_through_the_flow_and_is_registered_with_its_scores(trained_project):
+    client = client_for(trained_project)
+    for family in list_models():
+        version = client.get_model_version_by_alias(f"digits.{family}", CHAMPION)
+        metrics = {
+            k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")
+        }
+        assert metrics["test_fid"] >= 0 and metrics["test_kid_mean"] == metrics["test_kid_mean"], family
+        primary = model_class(family).primary_metric
+        assert version.tags["primary_metric"] == f"val_{primary}", family
+        assert {f"val_{primary}", f"test_{primary}"} <= set(metrics), family
+        if primary == "nll":
+            assert metrics["test_bits_per_dim"] > 0
+        if primary == "fid" and "test_reconstruction_sse" not in metrics:
+            assert "test_parzen_ll_estimate" in metrics, family
 
 
 def test_first_version_becomes_champion_with_metrics_grids_and_data_version(trained_project):
@@ -203,9 +237,7 @@ def test_unchanged_inputs_are_skipped_and_force_retrains(trained_project):
     (row,) = again.result(raise_on_failure=False)
     assert row["status"] == "skipped" and "inputs unchanged" in row["detail"]
     assert len(client_for(trained_project).search_model_versions("name = 'digits.vae'")) == versions_before
-    forced = retrain(
-        project_dir=str(trained_project), models=["vae"], overrides=TINY, force=True, return_state=True
-    )
+    forced = run_flow(trained_project, ["vae"], force=True)
     (row,) = forced.result(raise_on_failure=False)
     assert row["status"] in ("promoted", "kept champion")
     assert (
@@ -237,9 +269,7 @@ def test_changed_data_retrains_and_data_rev_trains_on_an_older_version(trained_p
     assert "retrained: changed since" in row["detail"] and "prepared data" in row["detail"]
     assert "re-evaluated first" in row["detail"] and "prepared_data" in row["detail"]
 
-    older = retrain(
-        project_dir=str(trained_project), models=["vae"], overrides=TINY, data_rev=original, return_state=True
-    )
+    older = run_flow(trained_project, ["vae"], data_rev=original)
     (row,) = older.result(raise_on_failure=False)
     assert (
         row["status"] == "skipped" and "inputs unchanged" in row["detail"]
