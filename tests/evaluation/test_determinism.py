@@ -20,7 +20,7 @@ SETTINGS = EvaluationSettings(num_samples=100, kid_subset_size=50, importance_sa
 @pytest.fixture(scope="module")
 def extractor() -> Featurizer:
     torch.manual_seed(0)
-    return Featurizer(1, 16, 10).eval().requires_grad_(False)
+    return Featurizer(1, 16, 10, 8).eval().requires_grad_(False)
 
 
 def tiny(name: str, seed: int):
