@@ -127,12 +127,14 @@ def table(rows: list[Row]) -> str:
     ]
     for r in rows:
         m = r.metrics
-        kid = f"{m['kid_mean']:.3f} ± {m['kid_std']:.3f}"
+        kid = f"{m['test_kid_mean']:.3f} ± {m['test_kid_std']:.3f}"
         parzen = (
-            f"{m['test_parzen_ll_estimate']:.1f} ({m['parzen_sigma']:.3g})" if "parzen_sigma" in m else "-"
+            f"{m['test_parzen_ll_estimate']:.1f} ({m['test_parzen_sigma']:.3g})"
+            if "test_parzen_sigma" in m
+            else "-"
         )
         lines.append(
-            f"| {r.name} | {r.data_kind} | {m['fid']:.2f} | {kid} | {_value(m, 'test_reconstruction_sse', '.2f')} "
+            f"| {r.name} | {r.data_kind} | {m['test_fid']:.2f} | {kid} | {_value(m, 'test_reconstruction_sse', '.2f')} "
             f"| {parzen} | {_value(m, 'test_nll_bound', '.1f')} | {r.params:,} | {r.train_seconds:.1f} "
             f"| {r.train_samples_per_second:,.0f} | {r.sample_images_per_second:,.0f} |"
         )
@@ -204,7 +206,7 @@ Command: `{command}`
 
 Reference: {min(len(data.train), EvaluationSettings().num_samples)} training images in place of samples score FID
 {reference["fid"]:.2f}, KID {reference["kid_mean"]:.3f} ± {reference["kid_std"]:.3f} and a Parzen estimate of
-{reference["test_parzen_ll_estimate"]:.1f} nats (sigma {reference["parzen_sigma"]:.3g}).
+{reference["parzen_ll_estimate"]:.1f} nats (sigma {reference["parzen_sigma"]:.3g}).
 
 Grids: 64 test images next to 64 samples of each model (binary models against the binarised test split).
 

@@ -1,7 +1,7 @@
 """The retraining DAG: prepare -> plan -> for each model: train -> evaluate -> register -> promote.
 
-Tasks only compose components. The plan skips models whose inputs (data version, params, family
-code) are unchanged since their last registered version. A failing model fails its own branch;
+Tasks only compose components. The plan skips models whose inputs (prepared data, feature
+extractor, params, the code the family executes) are unchanged since their last registered version. A failing model fails its own branch;
 the others finish, and the flow's final state names every model that failed and why.
 """
 
@@ -26,11 +26,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from components.config import load_params
 from components.data.prepared import PreparedData, load_prepared
 from components.data.versioning import data_at_revision, data_version, ensure_data, git_revision, reproduce
-from components.evaluation.evaluate import Evaluation, EvaluationSettings, evaluate_model, feature_extractor
+from components.evaluation.evaluate import (
+    Evaluation,
+    EvaluationSettings,
+    evaluate_model,
+    feature_extractor,
+    feature_extractor_id,
+)
+from components.models import GenerativeModel
 from components.models.registry import model_class
 from components.registry.lineage import (
     FINGERPRINT_TAG,
     changed_inputs,
+    code_version,
     inputs_fingerprint,
     model_inputs,
     package_versions,
@@ -103,6 +111,7 @@ class Trained:
     fingerprint: str
     run_id: str
     model_dir: str
+    reason: str = ""  # why the plan retrained it
 
 
 @dataclass
@@ -115,19 +124,24 @@ class ModelResult:
     run_id: str | None = None
 
 
-def _evaluate(model, inputs: Inputs) -> Evaluation:
+def _evaluate(model: GenerativeModel, inputs: Inputs) -> Evaluation:
+    """Evaluate under the run's settings: a candidate and a re-evaluated champion alike."""
     cfg = inputs.params["evaluate"]
     extractor, extractor_id = feature_extractor(
         cfg["feature_extractor"], inputs.featurizer_dir, cfg.get("inception_weights")
     )
-    settings = EvaluationSettings(
-        num_samples=cfg["num_samples"],
-        kid_subset_size=cfg["kid_subset_size"],
-        importance_samples=cfg["importance_samples"],
-        batch_size=cfg["batch_size"],
-        seed=inputs.params["seed"],
+    context = {"prepared_data": inputs.data_version, "code": code_version(type(model).registry_name)}
+    settings = EvaluationSettings.from_params(inputs.params)
+    return evaluate_model(model, inputs.data(), extractor, extractor_id, settings, context=context)
+
+
+def _model_inputs(inputs: Inputs, model: str) -> dict[str, Any]:
+    """What decides `model` in this run, as fingerprinted and recorded on its version."""
+    cfg = inputs.params["evaluate"]
+    extractor_id = feature_extractor_id(
+        cfg["feature_extractor"], inputs.featurizer_dir, cfg.get("inception_weights")
     )
-    return evaluate_model(model, inputs.data(), extractor, extractor_id, settings)
+    return model_inputs(inputs.params, model, inputs.data_version, extractor_id)
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE)
@@ -153,7 +167,8 @@ def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[P
     for model in models:
         try:
             model_class(model)
-            fingerprint = inputs_fingerprint(inputs.params, model, inputs.data_version)
+            current = _model_inputs(inputs, model)
+            fingerprint = inputs_fingerprint(current)
         except ValueError as err:
             plans.append(Plan(model, "train", str(err)))  # its train task fails with this message
             continue
@@ -165,7 +180,7 @@ def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[P
                     model,
                     "skip",
                     f"inputs unchanged since {name} v{existing.version} "
-                    "(same data version, params and code); --force retrains",
+                    "(same prepared data, feature extractor, params and code); --force retrains",
                     fingerprint,
                 )
             )
@@ -176,7 +191,6 @@ def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[P
             elif latest is None:
                 why = "no registered version yet"
             else:
-                current = model_inputs(inputs.params, model, inputs.data_version)
                 changed = changed_inputs(json.loads(latest.tags.get("inputs", "{}")), current)
                 why = f"changed since v{latest.version}: {', '.join(changed) or 'unknown'}"
             run_name = inputs.journal.ray_run_name(model, fingerprint, resume)
@@ -238,7 +252,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             outcome.steps,
             {k: round(v, 4) for k, v in last.items() if k not in ("epoch", "step")},
         )
-    return Trained(model, planned.fingerprint, run.run_id, str(outcome.model_dir))
+    return Trained(model, planned.fingerprint, run.run_id, str(outcome.model_dir), planned.reason)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{trained.model}")
@@ -250,7 +264,7 @@ def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
     get_run_logger().info(
         "evaluated %s: %s = %.4f (%s)",
         trained.model,
-        evaluation.primary_metric,
+        evaluation.gate_metric,
         evaluation.primary_value,
         evaluation.extractor_id,
     )
@@ -279,9 +293,7 @@ def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
                 "model": trained.model,
                 "mlflow_run_id": trained.run_id,
                 FINGERPRINT_TAG: trained.fingerprint,
-                "inputs": json.dumps(
-                    model_inputs(params, trained.model, inputs.data_version), sort_keys=True
-                ),
+                "inputs": json.dumps(_model_inputs(inputs, trained.model), sort_keys=True),
                 "weights_sha256": weights_sha256,
                 "git_commit": commit,
                 "git_dirty": str(dirty),
@@ -313,7 +325,6 @@ def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inpu
             name,
             candidate,
             evaluation,
-            inputs.data_version,
             reevaluate=lambda champion: _evaluate(load_version(client, champion), inputs),
             policy=policy,
         )
@@ -335,12 +346,14 @@ def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inpu
                 "promotion.decision": "promoted" if decision.promoted else "rejected",
                 "promotion.reason": decision.reason,
                 "registered_version": version,
+                "retrained_because": trained.reason,
             }
         )
         run.finish()
     get_run_logger().info("%s v%s: %s", name, version, decision.reason)
     status = "promoted" if decision.promoted else "kept champion"
-    return ModelResult(trained.model, status, decision.reason, version, evaluation.metrics, trained.run_id)
+    detail = f"retrained: {trained.reason}; {decision.reason}"
+    return ModelResult(trained.model, status, detail, version, evaluation.metrics, trained.run_id)
 
 
 def _branch_failure(model: str, futures: list[PrefectFuture]) -> ModelResult:

@@ -54,16 +54,26 @@ def reproduce(repo: Path) -> str:
     return run_dvc(repo, "repro")
 
 
+PREPARE_STAGE = "prepare"
+
+
 def data_version(repo: Path) -> str:
-    """The DVC hash of the data the `prepare` stage last ran on, from `dvc.lock`."""
+    """The DVC hash of the prepared data: the output of the `prepare` stage, from `dvc.lock`.
+
+    That is what models train and are evaluated on, so a new split of the same raw data (another
+    `data.val_fraction`, say) is a new data version.
+    """
     lock_path = Path(repo) / "dvc.lock"
     if not lock_path.is_file():
         raise DvcError(f"{lock_path}: missing; run `dvc repro` first")
-    lock = yaml.safe_load(lock_path.read_text())
-    for dep in lock.get("stages", {}).get("prepare", {}).get("deps", []):
-        if dep.get("path") == DATA_DIR:
-            return dep["md5"]
-    raise DvcError(f"{lock_path}: the prepare stage has no recorded dependency on {DATA_DIR!r}")
+    stage = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}).get(PREPARE_STAGE) or {}
+    outs = stage.get("outs") or []
+    if len(outs) != 1 or "md5" not in outs[0]:
+        raise DvcError(
+            f"{lock_path}: expected the `{PREPARE_STAGE}` stage to record one output with an md5, "
+            f"found {[out.get('path') for out in outs]}; run `dvc repro` first"
+        )
+    return outs[0]["md5"]
 
 
 def ensure_data(repo: Path, raw_dir: Path, default: RawDataset | None = None) -> str:

@@ -1,15 +1,23 @@
 """Honest evaluation of any family: what is computed follows from what the model can do.
 
-Every model is scored on sample quality (FID/KID against the test split it is evaluated on);
-density models add their exact test NLL, latent-variable models their ELBO and importance-weighted
-bound, models with an encoder their reconstruction error. The feature extractor's id is recorded
-with every score, because scores are only comparable under the same extractor.
+Every model is scored on sample quality (FID/KID against a held-out split); density models add
+their exact NLL, latent-variable models their ELBO and importance-weighted bound, models with an
+encoder their reconstruction error. Each score is computed on the validation split, which the
+promotion gate decides on, and on the test split, which is only reported: metric names carry the
+split (`val_fid`, `test_nll_bound`). Scores are comparable only under identical settings (the
+prepared data, the feature extractor, sample counts, seed), recorded with every evaluation.
+
+Every random draw of an evaluation comes from generators that call owns, so two evaluations
+running at once in one process (the flow evaluates models in threads) cannot move each other's
+results.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +26,7 @@ from torch import Tensor, nn
 from components.data.prepared import PreparedData
 from components.evaluation.featurizer import featurizer_id, load_featurizer
 from components.evaluation.parzen import parzen_estimate
-from components.evaluation.sample_quality import fid_kid, load_torchscript_features
+from components.evaluation.sample_quality import fid_kid, inception_id, load_torchscript_features
 from components.models import (
     DensityModel,
     GenerativeModel,
@@ -28,6 +36,8 @@ from components.models import (
 )
 
 GRID_SIZE = 64
+GATE_SPLIT, REPORT_SPLIT = "val", "test"  # the split promotion decides on; the split only reported
+SPLITS = (GATE_SPLIT, REPORT_SPLIT)
 
 
 @dataclass
@@ -38,18 +48,37 @@ class EvaluationSettings:
     batch_size: int = 500
     seed: int = 0
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> EvaluationSettings:
+        """The settings of params.yaml `evaluate` and the project seed."""
+        section = params["evaluate"]
+        return cls(
+            num_samples=int(section["num_samples"]),
+            kid_subset_size=int(section["kid_subset_size"]),
+            importance_samples=int(section["importance_samples"]),
+            batch_size=int(section["batch_size"]),
+            seed=int(params["seed"]),
+        )
+
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]
-    primary_metric: str
+    metrics: dict[str, float]  # "<split>_<metric>", e.g. val_fid, test_nll_bound
+    primary_metric: str  # the family's metric without its split, e.g. "nll_bound"
     extractor_id: str
+    # Everything that decides the scores (data, extractor, settings, splits): equal records, comparable scores.
+    settings: dict[str, Any] = field(default_factory=dict)
     # grid name -> (N x C x H x W images in [0, 1], images per row or None for a square grid)
     images: dict[str, tuple[Tensor, int | None]] = field(default_factory=dict)
 
     @property
+    def gate_metric(self) -> str:
+        """The primary metric on the validation split: what promotion compares."""
+        return f"{GATE_SPLIT}_{self.primary_metric}"
+
+    @property
     def primary_value(self) -> float:
-        return self.metrics[self.primary_metric]
+        return self.metrics[self.gate_metric]
 
 
 def feature_extractor(
@@ -67,6 +96,24 @@ def feature_extractor(
     raise ValueError(f"params.yaml evaluate.feature_extractor={kind!r}: expected 'featurizer' or 'inception'")
 
 
+def feature_extractor_id(
+    kind: str, featurizer_dir: str | Path, inception_weights: str | Path | None = None
+) -> str:
+    """The id `feature_extractor` would return, without loading the network."""
+    if kind == "featurizer":
+        return featurizer_id(featurizer_dir)
+    if kind == "inception":
+        return inception_id(inception_weights)
+    raise ValueError(f"params.yaml evaluate.feature_extractor={kind!r}: expected 'featurizer' or 'inception'")
+
+
+def evaluation_record(
+    settings: EvaluationSettings, extractor_id: str, splits: tuple[str, ...], context: dict[str, str]
+) -> dict[str, Any]:
+    """What decides an evaluation's scores; two evaluations are comparable when their records are equal."""
+    return {**asdict(settings), "feature_extractor": extractor_id, "splits": list(splits), **context}
+
+
 def _batched(fn, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
 
@@ -77,6 +124,16 @@ def draw_samples(model: GenerativeModel, n: int, batch_size: int, generator: tor
     return torch.cat([model.sample(size, generator=generator).float().cpu() for size in sizes])
 
 
+def _generator(device: torch.device, seed: int, purpose: str) -> torch.Generator:
+    """A generator of this evaluation's own, seeded from the seed and what it draws for: the draws
+    for one split do not depend on which other splits are evaluated, or in which order."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(purpose.encode()))
+
+
+def _as_tensor(images: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images))
+
+
 @torch.no_grad()
 def evaluate_model(
     model: GenerativeModel,
@@ -84,56 +141,92 @@ def evaluate_model(
     extractor: nn.Module,
     extractor_id: str,
     settings: EvaluationSettings,
+    *,
+    splits: tuple[str, ...] = SPLITS,
+    context: dict[str, str] | None = None,
 ) -> Evaluation:
-    """Score `model` on the test split (binarised for binary models); deterministic for a fixed seed."""
+    """Score `model` on each of `splits` (binarised for binary models); deterministic for a fixed seed.
+
+    The samples are drawn once and scored against every split; draws that depend on the split (the
+    VAE's posterior noise, KID's subsets) come from a generator per split. `context` names what
+    else decides the scores (the prepared data version, the code) for the evaluation's record.
+    """
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"evaluation splits {unknown}: expected some of {', '.join(SPLITS)}")
     model.eval()
     device = model.device
-    torch.manual_seed(settings.seed)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    test = torch.from_numpy(np.ascontiguousarray(data.test.for_kind(model.data_kind)))
-    test_on_device = test.to(device)
-    dims = model.num_dims
-
-    samples = draw_samples(model, settings.num_samples, settings.batch_size, generator)
-    metrics = fid_kid(
-        test, samples, extractor, kid_subset_size=settings.kid_subset_size, batch_size=settings.batch_size
+    samples = draw_samples(
+        model, settings.num_samples, settings.batch_size, _generator(device, settings.seed, "samples")
     )
     images = {"samples": (samples[:GRID_SIZE], None)}
-
-    if isinstance(model, DensityModel):
-        nll = -_batched(model.log_prob, test_on_device, settings.batch_size).mean().item()
-        metrics.update(test_nll=nll, test_bits_per_dim=bits_per_dim(nll, dims))
-    if isinstance(model, LatentVariableModel):
-        negative_elbo = -_batched(model.elbo, test_on_device, settings.batch_size).mean().item()
-        bound = -_batched(
-            lambda x: model.importance_weighted_bound(x, settings.importance_samples),
-            test_on_device,
-            settings.batch_size,
-        ).mean()
-        metrics.update(
-            test_negative_elbo=negative_elbo,
-            test_nll_bound=bound.item(),
-            test_bits_per_dim_bound=bits_per_dim(bound.item(), dims),
-        )
-    if not isinstance(model, DensityModel | LatentVariableModel):
-        # Sample-only models get the Parzen-window estimate instead of a likelihood or a bound.
-        val = torch.from_numpy(np.ascontiguousarray(data.val.for_kind(model.data_kind)))
-        metrics.update(parzen_estimate(samples, val, test, batch_size=settings.batch_size))
+    metrics: dict[str, float] = {}
+    for split in splits:
+        scores = _split_metrics(model, data, split, samples, extractor, settings)
+        metrics.update({f"{split}_{name}": value for name, value in scores.items()})
     if isinstance(model, ReconstructionModel):
-        reconstructions = _batched(model.reconstruct, test_on_device, settings.batch_size)
-        errors = (reconstructions - test_on_device).pow(2).flatten(1).sum(1)
-        metrics["test_reconstruction_sse"] = errors.mean().item()
-        shown = min(16, len(test))  # top row originals, bottom row their reconstructions
-        images["reconstructions"] = (torch.cat([test[:shown], reconstructions[:shown].cpu()]), shown)
-        strip = latent_interpolation(model, test_on_device[0], test_on_device[-1]).cpu()
+        shown_split = _as_tensor(data.split(splits[-1]).for_kind(model.data_kind)).to(device)
+        shown = min(16, len(shown_split))  # top row originals, bottom row their reconstructions
+        reconstructions = model.reconstruct(shown_split[:shown]).cpu()
+        images["reconstructions"] = (torch.cat([shown_split[:shown].cpu(), reconstructions]), shown)
+        strip = latent_interpolation(model, shown_split[0], shown_split[-1]).cpu()
         images["interpolation"] = (strip, len(strip))
-
     return Evaluation(
-        metrics={**metrics, "num_samples": float(settings.num_samples)},
+        metrics=metrics,
         primary_metric=type(model).primary_metric,
         extractor_id=extractor_id,
+        settings=evaluation_record(settings, extractor_id, splits, context or {}),
         images=images,
     )
+
+
+def _split_metrics(
+    model: GenerativeModel,
+    data: PreparedData,
+    split: str,
+    samples: Tensor,
+    extractor: nn.Module,
+    settings: EvaluationSettings,
+) -> dict[str, float]:
+    """The scores of `model` on one split, names without the split."""
+    device, size = model.device, settings.batch_size
+    reference = _as_tensor(data.split(split).for_kind(model.data_kind))
+    on_device = reference.to(device)
+    dims = model.num_dims
+    metrics = fid_kid(
+        reference,
+        samples,
+        extractor,
+        kid_subset_size=settings.kid_subset_size,
+        batch_size=size,
+        generator=_generator(torch.device("cpu"), settings.seed, f"kid/{split}"),
+    )
+    if isinstance(model, DensityModel):
+        nll = -_batched(model.log_prob, on_device, size).mean().item()
+        metrics.update(nll=nll, bits_per_dim=bits_per_dim(nll, dims))
+    if isinstance(model, LatentVariableModel):
+        noise = _generator(device, settings.seed, f"posterior/{split}")
+        negative_elbo = -_batched(lambda x: model.elbo(x, generator=noise), on_device, size).mean().item()
+        bound = -_batched(
+            lambda x: model.importance_weighted_bound(x, settings.importance_samples, generator=noise),
+            on_device,
+            size,
+        ).mean()
+        metrics.update(
+            negative_elbo=negative_elbo,
+            nll_bound=bound.item(),
+            bits_per_dim_bound=bits_per_dim(bound.item(), dims),
+        )
+    if not isinstance(model, DensityModel | LatentVariableModel):
+        # Sample-only models get the Parzen-window estimate instead of a likelihood or a bound; its
+        # bandwidth is chosen on another split than the one scored (validation for test, train for validation).
+        tuning = data.train if split == GATE_SPLIT else data.val
+        tuning_images = _as_tensor(tuning.for_kind(model.data_kind))
+        metrics.update(parzen_estimate(samples, tuning_images, reference, batch_size=size))
+    if isinstance(model, ReconstructionModel):
+        errors = (_batched(model.reconstruct, on_device, size) - on_device).pow(2).flatten(1).sum(1)
+        metrics["reconstruction_sse"] = errors.mean().item()
+    return metrics
 
 
 def latent_interpolation(model: ReconstructionModel, start: Tensor, end: Tensor, steps: int = 10) -> Tensor:

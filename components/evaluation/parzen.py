@@ -2,8 +2,8 @@
 
 A Gaussian kernel of width sigma is centred on each of N generated samples s_i, giving the density
 p(x) = 1/N sum_i N(x; s_i, sigma^2 I); its bandwidth is the one of a grid that maximises the
-likelihood of the validation split, and the score is the mean log-likelihood of the test split in
-nats per image. It is an estimate with a known large bias and variance in high dimensions (Theis
+likelihood of one held-out split, and the score is the mean log-likelihood of another in nats per
+image. It is an estimate with a known large bias and variance in high dimensions (Theis
 et al., 2016), reported for comparison between sample-only models, never next to exact likelihoods.
 """
 
@@ -66,14 +66,14 @@ def parzen_log_likelihood(
 
 def parzen_estimate(
     samples: Tensor,
-    val: Tensor,
-    test: Tensor,
+    tuning: Tensor,
+    scored: Tensor,
     *,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     batch_size: int = 500,
 ) -> dict[str, float]:
-    """Choose sigma on `val` from the grid, then the mean test log-likelihood (nats per image)."""
-    val_scores = parzen_log_likelihood(val, samples, sigmas, batch_size=batch_size).mean(1)
-    sigma = float(sigmas[int(val_scores.argmax())])
-    test_score = parzen_log_likelihood(test, samples, [sigma], batch_size=batch_size).mean()
-    return {"test_parzen_ll_estimate": float(test_score), "parzen_sigma": sigma}
+    """Choose sigma on `tuning` from the grid, then the mean log-likelihood of `scored` (nats per image)."""
+    tuning_scores = parzen_log_likelihood(tuning, samples, sigmas, batch_size=batch_size).mean(1)
+    sigma = float(sigmas[int(tuning_scores.argmax())])
+    score = parzen_log_likelihood(scored, samples, [sigma], batch_size=batch_size).mean()
+    return {"parzen_ll_estimate": float(score), "parzen_sigma": sigma}

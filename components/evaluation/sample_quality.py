@@ -12,17 +12,47 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
+from torchmetrics.utilities.data import dim_zero_cat
 
 INCEPTION_SIZE = 299  # input side of Inception-v3, used to probe a network's feature size
 
 
+class SeededKernelInceptionDistance(KernelInceptionDistance):
+    """torchmetrics' KID with its random subsets drawn from a generator the caller owns.
+
+    torchmetrics draws the subsets from the process-global RNG, which another evaluation running in
+    another thread moves; a generator of its own makes the score repeatable whatever runs beside it.
+    """
+
+    def __init__(self, *, generator: torch.Generator, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = generator
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        real, fake = dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features)
+        scores = []
+        for _ in range(self.subsets):
+            real_subset = real[torch.randperm(len(real), generator=self.generator)[: self.subset_size]]
+            fake_subset = fake[torch.randperm(len(fake), generator=self.generator)[: self.subset_size]]
+            scores.append(poly_mmd(real_subset, fake_subset, self.degree, self.gamma, self.coef))
+        stacked = torch.stack(scores)
+        return stacked.mean(), stacked.std(unbiased=False)
+
+
 def fid_kid(
-    real: Tensor, fake: Tensor, extractor: nn.Module, *, kid_subset_size: int = 100, batch_size: int = 500
+    real: Tensor,
+    fake: Tensor,
+    extractor: nn.Module,
+    *,
+    kid_subset_size: int = 100,
+    batch_size: int = 500,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """FID and KID (mean and std over subsets) between two image sets in [0, 1], N x C x H x W.
 
-    KID's subset size is capped by the smaller set, so small test splits still get a score.
+    KID's subset size is capped by the smaller set, so small test splits still get a score; its
+    subsets come from `generator` (by default a fresh one at seed 0), so the score is repeatable.
     """
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(
@@ -30,7 +60,12 @@ def fid_kid(
         )
     subset = min(kid_subset_size, len(real), len(fake))
     fid = FrechetInceptionDistance(feature=extractor, normalize=True)
-    kid = KernelInceptionDistance(feature=extractor, subset_size=subset, normalize=True)
+    kid = SeededKernelInceptionDistance(
+        feature=extractor,
+        subset_size=subset,
+        normalize=True,
+        generator=generator or torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         for images, is_real in ((real, True), (fake, False)):
             for chunk in images.float().split(batch_size):
@@ -77,22 +112,34 @@ class TorchScriptFeatures(nn.Module):
         return features.flatten(1).float()
 
 
-def load_torchscript_features(path: str | Path | None) -> tuple[TorchScriptFeatures, str]:
-    """The TorchScript feature network saved at `path`, and its id "inception-<sha256[:12]>"."""
-    how = (
-        "set params.yaml evaluate.inception_weights to a local TorchScript Inception-v3 feature network "
-        "(e.g. inception-2015-12-05.pt); nothing is downloaded"
-    )
+HOW_TO_PROVIDE_INCEPTION = (
+    "set params.yaml evaluate.inception_weights to a local TorchScript Inception-v3 feature network "
+    "(e.g. inception-2015-12-05.pt); nothing is downloaded"
+)
+
+
+def inception_id(path: str | Path | None) -> str:
+    """The id "inception-<sha256[:12]>" of the TorchScript feature network file at `path`."""
     if path is None or not str(path).strip():
-        raise FileNotFoundError(f"the inception feature extractor needs a weights file: {how}")
+        raise FileNotFoundError(
+            f"the inception feature extractor needs a weights file: {HOW_TO_PROVIDE_INCEPTION}"
+        )
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: inception weights file not found; {how}")
+        raise FileNotFoundError(f"{path}: inception weights file not found; {HOW_TO_PROVIDE_INCEPTION}")
     with path.open("rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
+        return f"inception-{hashlib.file_digest(file, 'sha256').hexdigest()[:12]}"
+
+
+def load_torchscript_features(path: str | Path | None) -> tuple[TorchScriptFeatures, str]:
+    """The TorchScript feature network saved at `path`, and its id "inception-<sha256[:12]>"."""
+    extractor_id = inception_id(path)
+    path = Path(path).expanduser()
     try:
         network = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # TorchScript raises RuntimeError or pickling errors for foreign files
-        raise ValueError(f"{path}: not a loadable TorchScript module ({err}); {how}") from err
+        raise ValueError(
+            f"{path}: not a loadable TorchScript module ({err}); {HOW_TO_PROVIDE_INCEPTION}"
+        ) from err
     extractor = TorchScriptFeatures(network, str(path))
-    return extractor.requires_grad_(False), f"inception-{digest[:12]}"
+    return extractor.requires_grad_(False), extractor_id

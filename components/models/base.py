@@ -31,7 +31,8 @@ class GenerativeModel(nn.Module):
     #: "binary": trained with dynamic binarisation, evaluated on the fixed binarised split, samples in
     #: {0, 1}; "continuous": trained and evaluated on images scaled to [0, 1].
     data_kind: ClassVar[DataKind] = "continuous"
-    #: Evaluation metric that decides promotion (lower is better).
+    #: Evaluation metric that decides promotion (lower is better), without its split: the gate reads
+    #: it on the validation split (`val_fid`), the report on the test split (`test_fid`).
     primary_metric: ClassVar[str] = "fid"
     #: Optimiser names, one per phase, in the order one training iteration runs them.
     phases: ClassVar[tuple[str, ...]] = ("model",)
@@ -86,7 +87,7 @@ class DensityModel(GenerativeModel):
     """A model with an exact, normalised likelihood."""
 
     data_kind: ClassVar[DataKind] = "binary"
-    primary_metric: ClassVar[str] = "test_nll"
+    primary_metric: ClassVar[str] = "nll"
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Natural-log likelihood of each image in `x`, shape N, in nats."""
@@ -119,13 +120,15 @@ class LatentVariableModel(ReconstructionModel):
     """A latent-variable model with a variational bound on its likelihood."""
 
     data_kind: ClassVar[DataKind] = "binary"
-    primary_metric: ClassVar[str] = "test_nll_bound"
+    primary_metric: ClassVar[str] = "nll_bound"
 
-    def elbo(self, x: Tensor) -> Tensor:
-        """Evidence lower bound of each image, in nats."""
+    def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Evidence lower bound of each image, in nats; its posterior draw comes from `generator`."""
         raise NotImplementedError
 
-    def importance_weighted_bound(self, x: Tensor, num_samples: int) -> Tensor:
+    def importance_weighted_bound(
+        self, x: Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Importance-weighted lower bound on log p(x) (Burda et al. 2016), tighter than the ELBO."""
         raise NotImplementedError
 

@@ -142,10 +142,11 @@ class GaussianLatent:
         mean, log_var = self.encoder(x).chunk(2, dim=1)
         return mean, log_var.clamp(-12.0, 8.0)
 
-    def posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """A reparameterised code for each image and its KL divergence from N(0, I)."""
+    def posterior_sample(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """A reparameterised code for each image (noise from `generator`) and its KL from N(0, I)."""
         mean, log_var = self.posterior(x)
-        z = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + noise * (0.5 * log_var).exp()
         kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
         return z, kl
 

@@ -1,14 +1,18 @@
 """The model registry: versions, the `challenger` and `champion` aliases, and the promotion rule.
 
 A new version always becomes `challenger`. `champion` moves to it only when it beats the current
-champion on the family's primary metric (lower is better) measured on the same data version with
-the same feature extractor; when either differs, the champion is re-evaluated first. Every
-decision, with both figures and the reason, is written to the candidate's tags.
+champion on the family's primary metric on the validation split; the test split is reported for
+both and never decides. The two figures are compared only when both evaluations ran under
+identical settings (prepared data, feature extractor, sample counts, seed, splits, code): when
+anything differs, the champion is re-evaluated under the candidate's settings first. Figures are
+recorded and compared unrounded. Every decision, with the figures and the reason, is written to
+the candidate's tags.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from components.evaluation.evaluate import Evaluation
+from components.evaluation.evaluate import GATE_SPLIT, REPORT_SPLIT, SPLITS, Evaluation
 from components.models import GenerativeModel
 from components.registry.pyfunc import DATA_DIR, TamperedArtifact, verify
 from components.registry.tracking import SAMPLES_ARTIFACT, experiment_id, ui_artifact_path
@@ -28,6 +32,8 @@ from components.training.trainer import load_model_dir
 CHAMPION, CHALLENGER = "champion", "challenger"
 DATA_VERSION_TAG, EXTRACTOR_TAG, PRIMARY_TAG = "data_version", "feature_extractor", "primary_metric"
 WEIGHTS_TAG = "weights_sha256"
+EVALUATION_TAG = "evaluation_settings"
+SPLIT_NAMES = {GATE_SPLIT: "validation", REPORT_SPLIT: "test"}
 HISTORY_TAG = "champion_history"
 
 
@@ -85,15 +91,17 @@ def register_version(
 ) -> ModelVersion:
     """Make the version of `name` trained by `run_id` the challenger, creating it on the first call.
 
-    Safe to repeat: a retried task finds the version its earlier attempt created, even when that
-    attempt never saw the server's reply.
+    Metrics are tagged unrounded (`repr` round-trips a float exactly), with the settings they were
+    computed under. Safe to repeat: a retried task finds the version its earlier attempt created,
+    even when that attempt never saw the server's reply.
     """
     ensure_registered_model(client, name)
     tags = {
-        **{f"metric.{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()},
-        PRIMARY_TAG: evaluation.primary_metric,
+        **{f"metric.{k}": repr(float(v)) for k, v in evaluation.metrics.items()},
+        PRIMARY_TAG: evaluation.gate_metric,
         EXTRACTOR_TAG: evaluation.extractor_id,
         DATA_VERSION_TAG: data_version,
+        EVALUATION_TAG: _settings_tag(evaluation.settings),
         **(extra_tags or {}),
     }
     version = _create_once(
@@ -128,9 +136,16 @@ def _create_once(
     return version
 
 
+def _settings_tag(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
 @dataclass
 class PromotionPolicy:
-    """How a family's candidate is judged against its champion (params.yaml `promotion`)."""
+    """How a family's candidate is judged against its champion (params.yaml `promotion`).
+
+    Metric names carry no split (`fid`, `nll_bound`): the gate always reads them on the validation split.
+    """
 
     metric: str
     direction: str = "minimize"
@@ -153,6 +168,12 @@ class PromotionPolicy:
                     f"params.yaml promotion.{model}: direction of {metric!r} is {direction!r}; "
                     "expected minimize or maximize"
                 )
+            split = next((s for s in SPLITS if metric.startswith(f"{s}_")), None)
+            if split is not None:
+                raise ValueError(
+                    f"params.yaml promotion.{model}: metric {metric!r} names a split; name it without "
+                    f"one ({metric.removeprefix(f'{split}_')!r}): the gate always decides on the validation split"
+                )
         return policy
 
     @staticmethod
@@ -165,7 +186,7 @@ class PromotionPolicy:
 class Decision:
     promoted: bool
     reason: str
-    candidate_value: float
+    candidate_value: float  # the gate metric on the validation split
     champion_value: float | None
     champion_version: str | None
 
@@ -181,12 +202,19 @@ def _recorded_metrics(version: ModelVersion) -> dict[str, float]:
     return {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
 
 
+def _gate(metric: str) -> str:
+    return f"{GATE_SPLIT}_{metric}"
+
+
+def _report(metric: str) -> str:
+    return f"{REPORT_SPLIT}_{metric}"
+
+
 def decide_promotion(
     client: MlflowClient,
     name: str,
     candidate: ModelVersion,
     evaluation: Evaluation,
-    data_version: str,
     reevaluate: Callable[[ModelVersion], Evaluation],
     policy: PromotionPolicy,
 ) -> Decision:
@@ -195,16 +223,20 @@ def decide_promotion(
     The decision is recorded on the candidate before the alias moves, so a retried call carries out
     the same decision instead of judging the candidate against itself.
     """
-    decision = _recorded_decision(candidate, evaluation.metrics[policy.metric])
+    decision = _recorded_decision(candidate, evaluation.metrics[_gate(policy.metric)])
     if decision is None:
-        decision = _judge(client, name, evaluation, data_version, reevaluate, policy)
+        decision, report = _judge(client, name, evaluation, reevaluate, policy)
         for key, tag in {
             "promotion.decision": "promoted" if decision.promoted else "rejected",
             "promotion.reason": decision.reason,
+            "promotion.split": GATE_SPLIT,
+            "promotion.metric": _gate(policy.metric),
+            "promotion.candidate_value": repr(decision.candidate_value),
             "promotion.champion_value": ""
             if decision.champion_value is None
-            else f"{decision.champion_value:.6g}",
+            else repr(decision.champion_value),
             "promotion.champion_version": decision.champion_version or "",
+            **report,
         }.items():
             client.set_model_version_tag(name, candidate.version, key, tag)
     if decision.promoted:
@@ -226,34 +258,50 @@ def _recorded_decision(candidate: ModelVersion, value: float) -> Decision | None
     )
 
 
+def _differing_settings(recorded: str | None, current: dict) -> list[str]:
+    """Which evaluation settings of the champion (its tag) differ from the candidate's."""
+    if recorded is None:
+        return ["not recorded"]
+    before = json.loads(recorded)
+    return sorted(key for key in set(before) | set(current) if before.get(key) != current.get(key))
+
+
+def _champion_metrics(
+    champion: ModelVersion, evaluation: Evaluation, reevaluate: Callable[[ModelVersion], Evaluation]
+) -> tuple[dict[str, float], str]:
+    """The champion's metrics under the candidate's evaluation settings, and how they were obtained."""
+    differing = _differing_settings(champion.tags.get(EVALUATION_TAG), evaluation.settings)
+    if not differing:
+        return _recorded_metrics(champion), "recorded under the same evaluation settings"
+    again = reevaluate(champion)
+    if again.settings != evaluation.settings:
+        raise RuntimeError(
+            f"{champion.name} v{champion.version} was re-evaluated under other settings than the "
+            f"candidate's: {_differing_settings(_settings_tag(again.settings), evaluation.settings)}"
+        )
+    return again.metrics, f"re-evaluated first, as its evaluation differed in {', '.join(differing)}"
+
+
 def _judge(
     client: MlflowClient,
     name: str,
     evaluation: Evaluation,
-    data_version: str,
     reevaluate: Callable[[ModelVersion], Evaluation],
     policy: PromotionPolicy,
-) -> Decision:
-    metric = policy.metric
-    value = evaluation.metrics[metric]
+) -> tuple[Decision, dict[str, str]]:
+    """The decision on the validation split, and the test figures of both as report-only tags."""
+    gate = _gate(policy.metric)
+    value = evaluation.metrics[gate]
     champion = _alias_version(client, name, CHAMPION)
     if champion is None:
-        return Decision(True, "first version: no champion yet", value, None, None)
-    comparable = (
-        champion.tags.get(DATA_VERSION_TAG) == data_version
-        and champion.tags.get(EXTRACTOR_TAG) == evaluation.extractor_id
-    )
-    if comparable:
-        champion_metrics, basis = _recorded_metrics(champion), "recorded"
-    else:
-        champion_metrics = reevaluate(champion).metrics
-        basis = f"re-evaluated on data {data_version[:12]} with {evaluation.extractor_id}"
-    champion_value = champion_metrics[metric]
+        return Decision(True, "first version: no champion yet", value, None, None), {}
+    champion_metrics, basis = _champion_metrics(champion, evaluation, reevaluate)
+    champion_value = champion_metrics[gate]
     gain = policy.gain(value, champion_value, policy.direction)
     worse_guards = [
-        f"{guard} {evaluation.metrics[guard]:.4g} vs {champion_metrics[guard]:.4g}"
+        f"{_gate(guard)} {evaluation.metrics[_gate(guard)]:.4g} vs {champion_metrics[_gate(guard)]:.4g}"
         for guard, direction in policy.guards.items()
-        if policy.gain(evaluation.metrics[guard], champion_metrics[guard], direction) < 0
+        if policy.gain(evaluation.metrics[_gate(guard)], champion_metrics[_gate(guard)], direction) < 0
     ]
     if gain <= policy.min_improvement:
         verdict = (
@@ -263,13 +311,21 @@ def _judge(
         verdict = f"better, but guard metric(s) got worse: {'; '.join(worse_guards)}"
     else:
         verdict = "better"
-    return Decision(
+    report_metric = _report(policy.metric)
+    report = {
+        f"promotion.{role}_{REPORT_SPLIT}_value": repr(metrics[report_metric])
+        for role, metrics in (("candidate", evaluation.metrics), ("champion", champion_metrics))
+        if report_metric in metrics
+    }
+    decision = Decision(
         verdict == "better",
-        f"{metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} ({basis}): {verdict}",
+        f"decided on the {SPLIT_NAMES[GATE_SPLIT]} split: {gate} {value:.4f} vs champion "
+        f"v{champion.version} {champion_value:.4f} ({basis}): {verdict}",
         value,
         champion_value,
         str(champion.version),
     )
+    return decision, report
 
 
 def describe_version(client: MlflowClient, name: str, version: str, decision: Decision) -> str:
@@ -432,12 +488,17 @@ def registry_status(client: MlflowClient) -> list[dict[str, str]]:
                 "model": model.name,
                 "champion": str(champion.version),
                 "metric": metric,
-                "value": champion.tags.get(f"metric.{metric}", "-"),
+                "value": _shown(champion.tags.get(f"metric.{metric}")),
                 "data_version": champion.tags.get(DATA_VERSION_TAG, "-"),
                 "registered": _timestamp(champion.creation_timestamp),
             }
         )
     return rows
+
+
+def _shown(value: str | None) -> str:
+    """A recorded (unrounded) figure as people read it."""
+    return "-" if value is None else f"{float(value):.6g}"
 
 
 def _timestamp(milliseconds: int) -> str:

@@ -6,6 +6,7 @@ several models can log from concurrent threads safely.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -172,9 +173,13 @@ class RunLogger:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [tag])])
 
     def log_evaluation(self, evaluation: Evaluation) -> None:
-        self.log_metrics({f"test/{k}": v for k, v in evaluation.metrics.items()})
+        self.log_metrics({f"evaluation/{k}": v for k, v in evaluation.metrics.items()})
         self.set_tags(
-            {"feature_extractor": evaluation.extractor_id, "primary_metric": evaluation.primary_metric}
+            {
+                "feature_extractor": evaluation.extractor_id,
+                "primary_metric": evaluation.gate_metric,
+                "evaluation_settings": json.dumps(evaluation.settings, sort_keys=True),
+            }
         )
         with tempfile.TemporaryDirectory() as tmp:
             for name, (images, columns) in evaluation.images.items():

@@ -7,6 +7,7 @@ instead of each training their own first version.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,11 @@ def test_every_family_trains_through_the_flow_and_is_registered_with_its_scores(
         metrics = {
             k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")
         }
-        assert metrics["fid"] >= 0 and metrics["kid_mean"] == metrics["kid_mean"], family
+        assert metrics["test_fid"] >= 0 and metrics["test_kid_mean"] == metrics["test_kid_mean"], family
         primary = model_class(family).primary_metric
-        assert version.tags["primary_metric"] == primary and primary in metrics, family
-        if primary == "test_nll":
+        assert version.tags["primary_metric"] == f"val_{primary}", family
+        assert {f"val_{primary}", f"test_{primary}"} <= set(metrics), family
+        if primary == "nll":
             assert metrics["test_bits_per_dim"] > 0
         if primary == "fid" and "test_reconstruction_sse" not in metrics:
             assert "test_parzen_ll_estimate" in metrics, family
@@ -74,16 +76,30 @@ def test_first_version_becomes_champion_with_metrics_grids_and_data_version(trai
     champion = client.get_model_version_by_alias("digits.vae", CHAMPION)
     assert str(champion.version) == "1"
     lock = yaml.safe_load((trained_project / "dvc.lock").read_text())
-    data_dep = next(d for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data")
-    assert champion.tags["data_version"] == data_dep["md5"]
-    for metric in ("test_nll_bound", "test_negative_elbo", "fid", "kid_mean", "test_reconstruction_sse"):
-        assert float(champion.tags[f"metric.{metric}"]) == float(champion.tags[f"metric.{metric}"])  # not NaN
-    assert float(champion.tags["metric.test_nll_bound"]) <= float(champion.tags["metric.test_negative_elbo"])
+    (prepared,) = lock["stages"]["prepare"]["outs"]  # the data version is what the models train on
+    assert champion.tags["data_version"] == prepared["md5"]
+    for split in ("val", "test"):
+        for metric in ("nll_bound", "negative_elbo", "fid", "kid_mean", "reconstruction_sse"):
+            value = float(champion.tags[f"metric.{split}_{metric}"])
+            assert value == value  # not NaN
+        assert float(champion.tags[f"metric.{split}_nll_bound"]) <= float(
+            champion.tags[f"metric.{split}_negative_elbo"]
+        )
+    assert champion.tags["primary_metric"] == "val_nll_bound"
     assert champion.tags["feature_extractor"].startswith("featurizer-")
+    settings = json.loads(champion.tags["evaluation_settings"])
+    assert settings["num_samples"] == TINY["evaluate"]["num_samples"] and settings["splits"] == [
+        "val",
+        "test",
+    ]
+    assert (
+        settings["prepared_data"] == prepared["md5"]
+        and settings["feature_extractor"] == champion.tags["feature_extractor"]
+    )
     run = client.get_run(champion.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"]
-    assert run.data.tags["data_version"] == data_dep["md5"]
+    assert run.data.tags["data_version"] == prepared["md5"]
     assert run.inputs.dataset_inputs, "the dataset is logged as an MLflow input"
     history = client.get_metric_history(champion.run_id, "train/model_loss")
     assert len(history) == 1
@@ -107,8 +123,14 @@ def test_worse_candidate_does_not_move_champion(trained_project):
     assert str(client.get_model_version_by_alias("digits.vae", CHAMPION).version) == "1"
     candidate = client.get_model_version_by_alias("digits.vae", CHALLENGER)
     assert str(candidate.version) == "2"
-    assert candidate.tags["promotion.decision"] == "rejected"
-    assert float(candidate.tags["metric.test_nll_bound"]) > float(candidate.tags["promotion.champion_value"])
+    assert candidate.tags["promotion.decision"] == "rejected" and candidate.tags["promotion.split"] == "val"
+    assert float(candidate.tags["metric.val_nll_bound"]) > float(candidate.tags["promotion.champion_value"])
+    assert "decided on the validation split" in candidate.tags["promotion.reason"]
+    # The champion's figures were recorded under the same settings: compared as recorded, not re-evaluated.
+    assert "recorded under the same evaluation settings" in candidate.tags["promotion.reason"]
+    assert float(candidate.tags["promotion.champion_test_value"]) == float(
+        client.get_model_version("digits.vae", "1").tags["metric.test_nll_bound"]
+    )
 
 
 def test_a_failing_model_fails_its_branch_only(trained_project):
@@ -149,7 +171,7 @@ def test_status_and_sample_read_the_registry(trained_project, tmp_path):
     result = CliRunner().invoke(app, ["status", "--json", "-C", str(trained_project)])
     assert result.exit_code == 0, result.output
     rows = {row["model"]: row for row in json.loads(result.output)}
-    assert rows["digits.vae"]["champion"] == "1" and rows["digits.vae"]["metric"] == "test_nll_bound"
+    assert rows["digits.vae"]["champion"] == "1" and rows["digits.vae"]["metric"] == "val_nll_bound"
     output = tmp_path / "grid.png"
     args = ["sample", "--model", "vae", "-n", "16", "-o", str(output), "-C", str(trained_project)]
     result = CliRunner().invoke(app, args)
@@ -254,7 +276,8 @@ def test_changed_data_retrains_and_data_rev_trains_on_an_older_version(trained_p
     changed = run_flow(trained_project, ["vae"])
     (row,) = changed.result(raise_on_failure=False)
     assert row["status"] in ("promoted", "kept champion"), row
-    assert "re-evaluated on data" in row["detail"]
+    assert "retrained: changed since" in row["detail"] and "prepared data" in row["detail"]
+    assert "re-evaluated first" in row["detail"] and "prepared_data" in row["detail"]
 
     older = run_flow(trained_project, ["vae"], data_rev=original)
     (row,) = older.result(raise_on_failure=False)

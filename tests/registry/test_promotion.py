@@ -29,6 +29,17 @@ from components.training.trainer import save_model_dir
 NAME = "digits.vae"
 DATA = "data-v1"
 EXTRACTOR = "featurizer-abc"
+SETTINGS = {
+    "num_samples": 1000,
+    "kid_subset_size": 100,
+    "importance_samples": 100,
+    "batch_size": 500,
+    "seed": 0,
+    "feature_extractor": EXTRACTOR,
+    "splits": ["val", "test"],
+    "prepared_data": DATA,
+    "code": "code-v1",
+}
 
 
 @pytest.fixture
@@ -45,36 +56,29 @@ def model_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def evaluation(nll: float, fid: float = 10.0, extractor: str = EXTRACTOR) -> Evaluation:
-    return Evaluation({"test_nll_bound": nll, "fid": fid}, "test_nll_bound", extractor)
+def evaluation(nll: float, fid: float = 10.0, test_nll: float | None = None, **settings) -> Evaluation:
+    """Validation figures `nll` and `fid`; the test split gets `test_nll` (default: `nll` + 1)."""
+    test_nll = nll + 1.0 if test_nll is None else test_nll
+    metrics = {"val_nll_bound": nll, "test_nll_bound": test_nll, "val_fid": fid, "test_fid": fid}
+    return Evaluation(metrics, "nll_bound", EXTRACTOR, settings={**SETTINGS, **settings})
 
 
-def add_version(client, model_dir, result: Evaluation, data_version: str = DATA):
+def add_version(client, model_dir, result: Evaluation):
     run = RunLogger.start(client, "tests", "vae")
     source, digest = run.log_model_package(model_dir)
     run.finish()
-    return register_version(
-        client, NAME, source, run.run_id, result, data_version, {"weights_sha256": digest}
-    )
+    return register_version(client, NAME, source, run.run_id, result, DATA, {"weights_sha256": digest})
 
 
-def judge(
-    client,
-    model_dir,
-    result: Evaluation,
-    policy: PromotionPolicy | None = None,
-    data_version=DATA,
-    reevaluate=None,
-):
-    candidate = add_version(client, model_dir, result, data_version)
+def judge(client, model_dir, result: Evaluation, policy: PromotionPolicy | None = None, reevaluate=None):
+    candidate = add_version(client, model_dir, result)
     decision = decide_promotion(
         client,
         NAME,
         candidate,
         result,
-        data_version,
         reevaluate=reevaluate or (lambda v: pytest.fail("champion re-evaluated without need")),
-        policy=policy or PromotionPolicy("test_nll_bound"),
+        policy=policy or PromotionPolicy("nll_bound"),
     )
     return candidate, decision
 
@@ -95,32 +99,92 @@ def test_first_better_worse_and_equal(client, model_dir):
     assert tags["promotion.decision"] == "rejected" and "not better" in tags["promotion.reason"]
     assert str(client.get_model_version_by_alias(NAME, CHALLENGER).version) == str(worse.version)
     _, decision = judge(
-        client, model_dir, evaluation(28.95), PromotionPolicy("test_nll_bound", min_improvement=0.1)
+        client, model_dir, evaluation(28.95), PromotionPolicy("nll_bound", min_improvement=0.1)
     )
     assert not decision.promoted and "not more than 0.1" in decision.reason
     assert champion(client) == "2"
 
 
+def test_the_validation_split_decides_and_the_test_split_is_only_reported(client, model_dir):
+    judge(client, model_dir, evaluation(30.0, test_nll=40.0))
+    # Far better on test, slightly worse on validation: the test split must not decide.
+    candidate, decision = judge(client, model_dir, evaluation(30.5, test_nll=20.0))
+    assert not decision.promoted and champion(client) == "1"
+    tags = client.get_model_version(NAME, candidate.version).tags
+    assert tags["promotion.decision"] == "rejected"
+    assert tags["promotion.split"] == "val" and tags["promotion.metric"] == "val_nll_bound"
+    assert "validation split" in tags["promotion.reason"] and "val_nll_bound" in tags["promotion.reason"]
+    assert (
+        float(tags["promotion.candidate_value"]) == 30.5 and float(tags["promotion.champion_value"]) == 30.0
+    )
+    assert float(tags["promotion.candidate_test_value"]) == 20.0
+    assert float(tags["promotion.champion_test_value"]) == 40.0
+    assert float(tags["metric.test_nll_bound"]) == 20.0  # reported with the version
+    # Worse on test, better on validation: promoted.
+    _, decision = judge(client, model_dir, evaluation(29.5, test_nll=50.0))
+    assert decision.promoted and champion(client) == "3"
+
+
+def test_a_policy_metric_that_names_a_split_is_refused():
+    params = {"promotion": {"vae": {"metric": "test_nll_bound"}}}
+    with pytest.raises(ValueError, match=r"promotion\.vae.*'test_nll_bound'.*'nll_bound'.*validation"):
+        PromotionPolicy.from_params(params, "vae", "nll_bound")
+    assert PromotionPolicy.from_params({}, "vae", "nll_bound").metric == "nll_bound"
+
+
+def test_a_bit_identical_retrain_does_not_win_by_rounding(client, model_dir):
+    value = 29.99999961234  # rounds to "30" at 6 significant digits
+    judge(client, model_dir, evaluation(value))
+    assert float(client.get_model_version(NAME, "1").tags["metric.val_nll_bound"]) == value
+    _, decision = judge(client, model_dir, evaluation(value))
+    assert not decision.promoted and "not better" in decision.reason and champion(client) == "1"
+
+
 def test_guard_metric_that_gets_worse_blocks_promotion(client, model_dir):
     judge(client, model_dir, evaluation(30.0, fid=10.0))
-    policy = PromotionPolicy("test_nll_bound", guards={"fid": "minimize"})
+    policy = PromotionPolicy("nll_bound", guards={"fid": "minimize"})
     _, decision = judge(client, model_dir, evaluation(25.0, fid=12.0), policy)
-    assert not decision.promoted and "guard" in decision.reason and "fid" in decision.reason
+    assert not decision.promoted and "guard" in decision.reason and "val_fid" in decision.reason
     _, decision = judge(client, model_dir, evaluation(25.0, fid=9.0), policy)
     assert decision.promoted
 
 
-def test_changed_data_re_evaluates_the_champion_first(client, model_dir):
-    judge(client, model_dir, evaluation(30.0))
-    seen = []
+def test_a_champion_evaluated_differently_is_re_evaluated_first(client, model_dir):
+    judge(client, model_dir, evaluation(30.0))  # v1, under SETTINGS
+    for setting, candidate_value in {
+        "num_samples": 2000,  # the champion was evaluated with 1000
+        "prepared_data": "data-v2",
+        "feature_extractor": "inception-123",
+        "seed": 1,
+        "importance_samples": 1000,
+        "splits": ["val"],
+        "code": "code-v2",
+    }.items():
+        seen = []
 
-    def reevaluate(version):
-        seen.append(str(version.version))
-        return evaluation(20.0)  # the champion does better on the new data than its old score says
+        def reevaluate(version, seen=seen, setting=setting, value=candidate_value):
+            seen.append(str(version.version))
+            # Under the candidate's settings the champion does better than its recorded score says.
+            return evaluation(20.0, **{setting: value})
 
-    _, decision = judge(client, model_dir, evaluation(25.0), data_version="data-v2", reevaluate=reevaluate)
-    assert seen == ["1"]
-    assert not decision.promoted and decision.champion_value == 20.0 and "re-evaluated" in decision.reason
+        _, decision = judge(
+            client, model_dir, evaluation(25.0, **{setting: candidate_value}), reevaluate=reevaluate
+        )
+        assert seen == ["1"], setting
+        assert not decision.promoted and decision.champion_value == 20.0, setting
+        assert "re-evaluated" in decision.reason and setting in decision.reason, decision.reason
+    assert champion(client) == "1"
+
+
+def test_a_re_evaluation_under_other_settings_than_the_candidates_is_an_error(client, model_dir):
+    judge(client, model_dir, evaluation(30.0, num_samples=1000))
+    with pytest.raises(RuntimeError, match="num_samples"):
+        judge(
+            client,
+            model_dir,
+            evaluation(25.0, num_samples=2000),
+            reevaluate=lambda version: evaluation(20.0, num_samples=1000),
+        )
 
 
 def test_manual_promotion_rollback_and_production_copy(client, model_dir, tmp_path):
@@ -153,9 +217,8 @@ def test_a_retried_promotion_and_publication_repeat_nothing(client, model_dir, t
         NAME,
         client.get_model_version(NAME, candidate.version),
         evaluation(20.0),
-        DATA,
         reevaluate=lambda v: pytest.fail("champion re-evaluated without need"),
-        policy=PromotionPolicy("test_nll_bound"),
+        policy=PromotionPolicy("nll_bound"),
     )
     assert again == first
     assert champion(client) == "2"

@@ -29,16 +29,18 @@ class ConvVAE(GaussianLatent, LatentVariableModel):
     def _log_likelihood(self, logits: Tensor, x: Tensor) -> Tensor:
         return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
-    def elbo(self, x: Tensor) -> Tensor:
-        z, kl = self.posterior_sample(x)
+    def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        z, kl = self.posterior_sample(x, generator)
         return self._log_likelihood(self.decoder(z), x) - kl
 
-    def importance_weighted_bound(self, x: Tensor, num_samples: int) -> Tensor:
+    def importance_weighted_bound(
+        self, x: Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         mean, log_var = self.posterior(x)
         std = (0.5 * log_var).exp()
         log_weights = []
         for _ in range(num_samples):
-            eps = torch.randn_like(mean)
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + eps * std
             log_q = gaussian_log_density(z, mean, log_var)
             log_prior = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
