@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
@@ -43,27 +43,31 @@ class MetricInfo:
 
     label: str
     unit: str = ""
-    split: str = "test"
+    split: str = ""
 
     def text(self, value: float) -> str:
         unit = f" {self.unit}" if self.unit else ""
-        return f"{self.label} {value:.4g}{unit} ({self.split} split)"
+        split = f" ({self.split} split)" if self.split else ""
+        return f"{self.label} {value:.4g}{unit}{split}"
 
 
-# Every score genpipe records is measured on the test split (FID/KID: samples against it).
+# What each score is; the recorded names carry the split they are measured on (`val_fid`, `test_nll`).
 METRICS = {
-    "test_nll": MetricInfo("test NLL", "nats/image"),
-    "test_nll_bound": MetricInfo("test NLL bound", "nats/image"),
-    "test_negative_elbo": MetricInfo("test negative ELBO", "nats/image"),
-    "test_bits_per_dim": MetricInfo("test NLL", "bits/dim"),
+    "nll": MetricInfo("NLL", "nats/image"),
+    "nll_bound": MetricInfo("NLL bound", "nats/image"),
+    "negative_elbo": MetricInfo("negative ELBO", "nats/image"),
+    "bits_per_dim": MetricInfo("NLL", "bits/dim"),
     "fid": MetricInfo("FID"),
     "kid_mean": MetricInfo("KID"),
 }
 
 
 def metric_info(metric: str) -> MetricInfo:
-    """What `metric` is; a metric genpipe does not know is shown by its own name."""
-    return METRICS.get(metric, MetricInfo(metric))
+    """What `metric` (e.g. `val_fid`) is and its split; a metric genpipe does not know reads as its name."""
+    split, _, base = metric.partition("_")
+    if split not in SPLIT_NAMES:
+        return MetricInfo(metric)
+    return replace(METRICS.get(base, MetricInfo(base)), split=SPLIT_NAMES[split])
 
 
 def registered_name(dataset: str, model: str) -> str:

@@ -76,9 +76,10 @@ def _score(family: FamilySummary) -> str:
     if family.champion_value is None or not math.isfinite(family.champion_value):
         return '<span class="muted">no champion</span>'
     unit = f" {escape(family.info.unit)}" if family.info.unit else ""
+    split = f", {escape(family.info.split)} split" if family.info.split else ""
     return (
         f'<div class="value">{family.champion_value:.4g}<span class="muted">{unit}</span></div>'
-        f'<div class="muted">{escape(family.info.label)}, {escape(family.info.split)} split; lower is better</div>'
+        f'<div class="muted">{escape(family.info.label)}{split}; lower is better</div>'
     )
 
 
@@ -146,7 +147,8 @@ def render_report(summary: RegistrySummary) -> str:
         f"<header><h1>genpipe report</h1><p>{_count(len(summary.families), 'model family', 'model families')} registered in "
         f"<code>{escape(summary.tracking_uri)}</code> &middot; generated {escape(summary.generated)}</p></header>"
         f"<main>{body}</main>"
-        "<footer>Every score is measured on the test split of the data version shown with its model; "
+        "<footer>Scores are the primary metric on the validation split (the split promotion decides on) of "
+        "the data version shown with its model; test-split figures are on each version's tags; "
         "the real images are the test split of the project's current data.</footer>"
         "</body></html>"
     )

@@ -120,7 +120,7 @@ def test_experiment_is_model_training_with_system_metrics_and_described_versions
     assert len(steps) == 1, images  # one epoch: its grid at step 1
     first, second = champion.description.split("\n\n")
     assert f"**{MODEL}**" in first and champion.tags["data_version"][:12] in first
-    assert "test NLL bound" in first and "nats/image (test split)" in first
+    assert "NLL bound" in first and "nats/image (validation split)" in first
     assert second.startswith("Promoted to champion: first version")
     assert f"runs/{run.info.run_id}/artifactPath/{SAMPLES_ARTIFACT}" in second
 

@@ -17,8 +17,8 @@ def family(name: str, champion: int | None) -> FamilySummary:
     return FamilySummary(
         name=f"digits.{name}",
         family=name,
-        metric="fid",
-        info=metric_info("fid"),
+        metric="val_fid",
+        info=metric_info("val_fid"),
         champion=champion,
         champion_value=12.5 if champion else None,
         latest=2,
@@ -38,7 +38,7 @@ def test_a_row_per_family_with_embedded_pictures_only():
     assert re.findall(r'<tr class="family-row" data-family="([^"]+)"', page) == ["gan", "dcgan"]
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
-    assert "kept champion" in page and "no champion" in page and "FID, test split" in page
+    assert "kept champion" in page and "no champion" in page and "FID, validation split" in page
 
 
 def test_an_empty_registry_says_what_to_do():
