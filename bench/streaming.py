@@ -1,0 +1,167 @@
+"""Benchmark the two ways training gets its data: the split on the device, or streamed through Ray Data.
+
+For one family on one Ray Train worker (as `genpipe run` trains it), it measures:
+
+  - steady-state training images/s of each path: the same model trained for 1 and for E epochs in two
+    TorchTrainer runs; the difference of their wall times is the time of epochs 2..E, which leaves
+    start-up, the first epoch and the final checkpoint out;
+  - peak resident memory of the driver (this process) and of the largest Ray worker process (the
+    training worker and Ray Data's read tasks), sampled every 0.2 s while the runs go.
+
+Data: the built-in digits (default), or `--generated N` random 3x32x32 uint8 images (prepared as the
+pipeline does, in shards of `--shard-images`). `--memory-steps S` measures memory only, over one
+epoch of S steps (the batch size is the split over S), so runs at N and 4N images train as many steps.
+
+    .venv/bin/python bench/streaming.py                           # digits, both paths, ~3 minutes
+    .venv/bin/python bench/streaming.py --generated 20000 --memory-steps 200 --family gan
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from common import machine
+
+from components.data.prepared import PreparedData, load_prepared, prepare
+from components.data.raw import RawDataset, builtin_digits, write_raw
+from components.models import create_model
+from components.models.registry import model_class
+from components.training.ray_train import Scaling, ray_cluster, train_on_ray
+from components.training.trainer import TrainJob
+
+RESULTS = Path(__file__).with_name("RESULTS-streaming.md")
+PATHS = ("on-device", "streamed")
+
+
+class PeakMemory:
+    """Peak RSS of this process and of the largest of its descendants (Ray's workers and tasks),
+    sampled in a background thread."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.driver_peak, self.worker_peak = interval_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.driver_peak = max(self.driver_peak, me.memory_info().rss)
+            for child in me.children(recursive=True):
+                try:
+                    if " ".join(child.cmdline()).startswith("ray::"):
+                        self.worker_peak = max(self.worker_peak, child.memory_info().rss)
+                except psutil.Error:  # a task's process may end between listing and reading
+                    continue
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def generated(n: int, seed: int = 0) -> RawDataset:
+    """`n` random 3x32x32 uint8 images: memory and throughput depend on the size, not the content."""
+    images = np.random.default_rng(seed).integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+    return RawDataset(images, None, f"generated-{n}", "bench/streaming.py")
+
+
+def timed_run(job: TrainJob, data: PreparedData, path: str, epochs: int, work: Path, name: str) -> float:
+    kind = model_class(job.spec.name).data_kind
+    started = time.perf_counter()
+    train_on_ray(
+        TrainJob(**{**job.__dict__, "epochs": epochs}),
+        data.train.shards if path == "streamed" else data.train.pixels,
+        data.val.for_kind(kind),
+        scaling=Scaling(workers=1, gpus_per_worker=0),
+        storage_path=work / "ray",
+        run_name=name,
+        output_dir=work / "out" / name,
+    )
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", default="ae")
+    parser.add_argument("--generated", type=int, help="random 3x32x32 images instead of the digits")
+    parser.add_argument("--shard-images", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=6, help="E: the longer run's epochs")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        help="measure memory only: one run of one epoch of this many steps (the batch size follows)",
+    )
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to append the table to")
+    args = parser.parse_args()
+
+    mib = 2**20
+    with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp:
+        work = Path(tmp)
+        write_raw(builtin_digits() if args.generated is None else generated(args.generated), work / "raw")
+        prepare(work / "raw", work / "prepared", 0.1, 0.2, 0, args.shard_images)
+        meta = load_prepared(work / "prepared")
+        name, shape, num_train = meta.name, list(meta.image_shape), len(meta.train)
+        batch_size = (
+            args.batch_size if args.memory_steps is None else math.ceil(num_train / args.memory_steps)
+        )
+        steps_per_epoch = math.ceil(num_train / batch_size)
+        epochs = 1 if args.memory_steps else args.epochs
+        spec = create_model(args.family, meta.image_shape).spec
+        job = TrainJob(model=spec.to_dict(), epochs=epochs, batch_size=batch_size, lr=1e-3, seed=0)
+        del meta
+        rows = []
+        with ray_cluster():
+            for path in args.paths:
+                data = load_prepared(work / "prepared")  # afresh: no split one path read stays cached
+                with PeakMemory() as memory:
+                    short = timed_run(job, data, path, 1, work, f"{path}-1")
+                    long = (
+                        None if args.memory_steps else timed_run(job, data, path, epochs, work, f"{path}-E")
+                    )
+                del data
+                speed = (
+                    ""
+                    if long is None
+                    else f"{(epochs - 1) * steps_per_epoch * batch_size / (long - short):,.0f}"
+                )
+                rows.append(
+                    f"| {path} | {short:.1f} | {'' if long is None else f'{long:.1f}'} | {speed} "
+                    f"| {memory.driver_peak / mib:,.0f} | {memory.worker_peak / mib:,.0f} |"
+                )
+                print(rows[-1], flush=True)
+
+    table = [
+        f"### {name} {shape}: {num_train:,} training images, {args.family}, batch {batch_size}, 1 worker, "
+        + (f"one epoch of {steps_per_epoch} steps" if args.memory_steps else f"E = {epochs}"),
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `.venv/bin/python bench/streaming.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| path | 1-epoch run s | E-epoch run s | steady images/s | driver peak RSS MiB | largest Ray process peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+    print("\n".join(table))
+    with args.results.open("a") as out:
+        out.write("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
