@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 
 from components.data.shards import ShardedSplit
 from components.training.batches import StreamedBatches, streamed_batches_per_epoch
-from components.training.trainer import TrainJob, TrainOutcome, read_outcome, run_training
+from components.training.trainer import TrainJob, TrainOutcome, WorkerContext, read_outcome, run_training
 
 # Ray Train V2's controller collects at most one report per worker per poll, one poll every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and `ray.train.report` blocks while the worker's
@@ -133,8 +133,20 @@ def epoch_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def _streamed_batches(job: TrainJob, stream: dict[str, Any], ctx: RayContext) -> StreamedBatches:
-    shard = ray.train.get_dataset_shard(STREAMED_DATASET)
+def stream_settings(split: ShardedSplit) -> dict[str, Any]:
+    """What a worker needs besides its dataset shard to stream `split`."""
+    return {
+        "num_images": len(split),
+        "shuffle_buffer": max(shard.count for shard in split.shards),
+        # Rank 0 reads them in turn for the fit after training (an AE's code Gaussian).
+        "shard_files": [str(path) for path in split.paths("images")],
+    }
+
+
+def streamed_batches(
+    shard: ray.data.DataIterator | ray.data.Dataset, job: TrainJob, stream: dict[str, Any], ctx: WorkerContext
+) -> StreamedBatches:
+    """This worker's batches from its part of the streamed dataset (`get_dataset_shard` in a worker)."""
 
     def epoch_batches(epoch: int):
         for batch in shard.iter_torch_batches(
@@ -155,7 +167,10 @@ def _worker_entry(config: dict[str, Any]) -> None:
         torch.backends.cudnn.allow_tf32 = True
     job, ctx = TrainJob(**config["job"]), RayContext()
     stream = config.get("stream")
-    train = ray.get(config["train"]) if stream is None else _streamed_batches(job, stream, ctx)
+    if stream is None:
+        train = ray.get(config["train"])
+    else:
+        train = streamed_batches(ray.train.get_dataset_shard(STREAMED_DATASET), job, stream, ctx)
     run_training(job, train, ray.get(config["val"]), ctx)
 
 
@@ -180,12 +195,7 @@ def train_on_ray(
     config: dict[str, Any] = {"job": asdict(job), "val": ray.put(x_val)}
     if isinstance(x_train, ShardedSplit):
         scaling.check_room_for_reads()
-        config["stream"] = {
-            "num_images": len(x_train),
-            "shuffle_buffer": max(shard.count for shard in x_train.shards),
-            # Rank 0 reads them in turn for the fit after training (an AE's code Gaussian).
-            "shard_files": [str(path) for path in x_train.paths("images")],
-        }
+        config["stream"] = stream_settings(x_train)
         ingest = ray.train.DataConfig.default_ingest_options()
         ingest.preserve_order = True
         data_options = {

@@ -12,7 +12,14 @@ from components.data.prepared import load_prepared, prepare
 from components.models import create_model
 from components.training.batches import DeviceBatches, StreamedBatches
 from components.training.jobs import train_model
-from components.training.ray_train import Scaling, epoch_shuffle_seed, shard_dataset, shard_order
+from components.training.ray_train import (
+    Scaling,
+    epoch_shuffle_seed,
+    shard_dataset,
+    shard_order,
+    stream_settings,
+    streamed_batches,
+)
 from components.training.trainer import (
     LocalContext,
     TrainJob,
@@ -133,12 +140,10 @@ def test_streamed_training_resumed_mid_epoch_matches_an_uninterrupted_one(ray_in
     crash_step = 4 * job.checkpoint_every_steps
     assert batches_per_epoch < crash_step < 2 * batches_per_epoch - 1  # a checkpoint inside epoch 2
 
-    def source() -> StreamedBatches:
-        return StreamedBatches(
-            lambda epoch: ray_epoch_batches(sharded.train, SEED, epoch_shuffle_seed(SEED, epoch, 0)),
-            batches_per_epoch,
-            [str(p) for p in sharded.train.shards.paths("images")],
-            torch.device("cpu"),
+    def source() -> StreamedBatches:  # what a Ray Train worker builds, on the whole dataset as rank 0 of 1
+        split = sharded.train.shards
+        return streamed_batches(
+            shard_dataset(split, SEED), job, stream_settings(split), LocalContext(tmp_path)
         )
 
     x_val = sharded.val.binary.astype("float32")
