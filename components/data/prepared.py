@@ -1,34 +1,58 @@
-"""The `prepare` stage: validate `data/raw`, split it, scale it and binarise it.
+"""The `prepare` stage: validate `data/raw`, split it and write each split as uint8 shards.
 
-Outputs (all `.npy`, so they hash the same on every machine) under `prepared/`:
-`{split}_images.npy` float32 in [0, 1], `{split}_binary.npy` uint8 in {0, 1} (a Bernoulli sample at
-a fixed seed, so evaluation of binary models is deterministic), `{split}_labels.npy` when the raw
-data has labels, and `meta.json`.
+Outputs under `prepared/` (`components.data.shards` describes the layout): per split, shards of
+`data.shard_images` images holding the raw uint8 pixels and a binarised copy (a Bernoulli sample at a
+fixed seed, so evaluation of binary models is deterministic), labels when the raw data has them,
+`index.json` listing the shards, and `meta.json`. Scaling to [0, 1] and the dynamic binarisation of
+training happen where the data is consumed. The stage holds the raw array plus one shard in memory.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from components.config import load_params
 from components.data.raw import DataError, read_raw
+from components.data.shards import ShardedSplit, SplitWriter, read_index, unit_float, write_index
 
 SPLITS = ("train", "val", "test")
+DEFAULT_SHARD_IMAGES = 4096  # images per shard when a caller does not say (params.yaml data.shard_images)
 
 
-@dataclass
 class Split:
-    images: np.ndarray  # float32 in [0, 1], N x C x H x W
-    binary: np.ndarray  # uint8 in {0, 1}
-    labels: np.ndarray | None
+    """One prepared split: read shard by shard (`shards`), or whole for small data (`images`, ...)."""
+
+    def __init__(self, shards: ShardedSplit):
+        self.shards = shards
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.shards)
+
+    @cached_property
+    def pixels(self) -> np.ndarray:
+        """The whole split as uint8, N x C x H x W."""
+        return self.shards.materialise("images")
+
+    @cached_property
+    def images(self) -> np.ndarray:
+        """The whole split as float32 in [0, 1]."""
+        return unit_float(self.pixels)
+
+    @cached_property
+    def binary(self) -> np.ndarray:
+        """The whole fixed binarised copy, uint8 in {0, 1}."""
+        return self.shards.materialise("binary")
+
+    @cached_property
+    def labels(self) -> np.ndarray | None:
+        return self.shards.materialise("labels") if self.shards.has_labels else None
 
     def for_kind(self, data_kind: str) -> np.ndarray:
         """The float32 array a model of `data_kind` ("binary" or "continuous") is evaluated on."""
@@ -60,20 +84,36 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
     return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
 
 
-def prepare(raw_dir: Path, out_dir: Path, val_fraction: float, test_fraction: float, seed: int) -> dict:
-    """Write the prepared splits of `raw_dir` to `out_dir`; returns the metadata written."""
+def prepare(
+    raw_dir: Path,
+    out_dir: Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    shard_images: int = DEFAULT_SHARD_IMAGES,
+) -> dict:
+    """Write the prepared splits of `raw_dir` to `out_dir` as shards; returns the metadata written."""
+    if isinstance(shard_images, bool) or not isinstance(shard_images, int) or shard_images < 1:
+        raise DataError(f"params.yaml data.shard_images={shard_images!r}: expected a positive integer")
     raw = read_raw(raw_dir)
+    out_dir = Path(out_dir)
+    for split in SPLITS:  # shards of an earlier, larger dataset must not linger
+        shutil.rmtree(out_dir / split, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # One stream drawn shard after shard, splits in the order below: the same numbers as one draw per
+    # whole split, so the binarised copy does not depend on the shard size.
     rng = np.random.default_rng(seed + 1)
-    counts = {}
-    for split, index in split_indices(len(raw.images), val_fraction, test_fraction, seed).items():
-        images = raw.images[np.sort(index)].astype(np.float32) / 255.0
-        binary = (rng.random(images.shape, dtype=np.float32) < images).astype(np.uint8)
-        np.save(out_dir / f"{split}_images.npy", images)
-        np.save(out_dir / f"{split}_binary.npy", binary)
-        if raw.labels is not None:
-            np.save(out_dir / f"{split}_labels.npy", raw.labels[np.sort(index)])
-        counts[split] = len(index)
+    counts, index = {}, {}
+    for split, order in split_indices(len(raw.images), val_fraction, test_fraction, seed).items():
+        order = np.sort(order)
+        writer = SplitWriter(out_dir, split)
+        for start in range(0, len(order), shard_images):
+            rows = order[start : start + shard_images]
+            pixels = raw.images[rows]
+            binary = (rng.random(pixels.shape, dtype=np.float32) < unit_float(pixels)).astype(np.uint8)
+            writer.write(pixels, binary, raw.labels[rows] if raw.labels is not None else None)
+        counts[split], index[split] = len(order), writer.index_entry()
+    write_index(out_dir, shard_images, index)
     meta = {
         "name": raw.name,
         "source": raw.source,
@@ -92,14 +132,11 @@ def load_prepared(prepared_dir: str | Path) -> PreparedData:
     if not meta_path.is_file():
         raise DataError(f"{meta_path}: missing; run the `prepare` stage (`dvc repro prepare`) first")
     meta = json.loads(meta_path.read_text())
-    splits = {}
-    for split in SPLITS:
-        labels_path = prepared_dir / f"{split}_labels.npy"
-        splits[split] = Split(
-            images=np.load(prepared_dir / f"{split}_images.npy"),
-            binary=np.load(prepared_dir / f"{split}_binary.npy"),
-            labels=np.load(labels_path) if labels_path.exists() else None,
-        )
+    shards = read_index(prepared_dir)
+    missing = [split for split in SPLITS if split not in shards]
+    if missing:
+        raise DataError(f"{prepared_dir}/index.json: split(s) {', '.join(missing)} missing")
+    splits = {split: Split(shards[split]) for split in SPLITS}
     return PreparedData(
         **splits, name=meta["name"], image_shape=tuple(meta["image_shape"]), num_classes=meta["num_classes"]
     )
@@ -115,6 +152,7 @@ def main() -> int:
             data["val_fraction"],
             data["test_fraction"],
             params["seed"],
+            data["shard_images"],
         )
     except DataError as err:
         print(f"prepare: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ family it drives. Capabilities that only some families have are expressed by the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -70,8 +70,9 @@ class GenerativeModel(nn.Module):
     def after_optimizer_step(self, phase: str) -> None:
         """Called after the optimiser of `phase` stepped (WGAN clips its critic here)."""
 
-    def fit_after_training(self, x_train: Tensor) -> None:
-        """Called once on the whole training split after the last step (an AE fits its code prior here)."""
+    def fit_after_training(self, x_train: Iterable[Tensor]) -> None:
+        """Called once with the whole training split, in pieces, after the last step (an AE fits its code
+        prior here); the pieces let a split larger than memory stream through."""
 
     def validation_metrics(self, x: Tensor) -> dict[str, Tensor]:
         """Scalar metrics on held-out data, logged per epoch; empty when the family has none."""

@@ -62,12 +62,14 @@ def train_model(
 ) -> TrainOutcome:
     """Train on Ray; the final weights land in `<project>/outputs/<run_name>`.
 
-    Raises TrainingDiverged when the loss blew up.
+    A training split above `train.streaming_threshold_images` streams from its shards; a smaller one
+    is held whole on each worker's device. Raises TrainingDiverged when the loss blew up.
     """
     kind = model_class(job.spec.name).data_kind
+    streamed = len(data.train) > int(params["train"]["streaming_threshold_images"])
     outcome = train_on_ray(
         job,
-        data.train.images,
+        data.train.shards if streamed else data.train.pixels,
         data.val.for_kind(kind),
         scaling=scaling(params),
         storage_path=storage_path(params, project_dir),

@@ -1,8 +1,18 @@
 """Runs the generic trainer under Ray Train: one `TorchTrainer` per model, DDP across its workers.
 
 Ray stays at this edge: the per-worker function is `run_training` plus Ray's context, report and
-checkpoint calls. The training arrays travel through Ray's object store, so workers on other nodes
-need no shared file system.
+checkpoint calls. Small training splits travel whole through Ray's object store and sit on each
+worker's device. Larger ones stream: the shard files become a Ray Data dataset handed to
+`TorchTrainer(datasets=...)`, read by Ray Data tasks from storage the cluster reaches (the project
+directory on one machine), and each worker iterates its equal part with prefetch.
+
+Streamed order, and how far it repeats: the shard order is a permutation drawn from the job's seed
+(fixed for the run), the blocks reach the workers in that order (`preserve_order`, which also makes
+Ray Data's split of blocks between workers deterministic), and each worker shuffles within a buffer
+of one shard's size with a seed drawn from (seed, epoch, rank). So the same seed, data and worker
+count give the same batches every run; each epoch visits the shards in the same order but mixes
+their images differently. A resumed run replays the interrupted epoch's order and skips the batches
+it had already trained on, so it ends with the planned step count.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from components.training.trainer import TrainJob, TrainOutcome, read_outcome, run_training
+from components.data.shards import ShardedSplit
+from components.training.batches import StreamedBatches, streamed_batches_per_epoch
+from components.training.trainer import TrainJob, TrainOutcome, WorkerContext, read_outcome, run_training
 
 # Ray Train V2's controller collects at most one report per worker per poll, one poll every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and `ray.train.report` blocks while the worker's
@@ -51,6 +63,16 @@ class Scaling:
         if gpus < 0:
             raise ValueError(f"gpus_per_worker must be >= 0 or 'auto', got {self.gpus_per_worker!r}")
         return gpus
+
+    def check_room_for_reads(self) -> None:
+        """Ray Data's read tasks need a CPU the training workers do not hold, or streaming waits forever."""
+        cpus, held = ray.cluster_resources().get("CPU", 0), self.workers * self.cpus_per_worker
+        if cpus - held < 1:
+            raise ValueError(
+                f"streaming the training split needs 1 CPU beyond the {held:g} its {self.workers} worker(s) "
+                f"hold, and the Ray cluster has {cpus:g}: use fewer workers, or raise "
+                "train.streaming_threshold_images to keep this split on the device"
+            )
 
     def scaling_config(self) -> ScalingConfig:
         if self.workers < 1:
@@ -86,17 +108,75 @@ def _as_path(checkpoint: Checkpoint):
         yield Path(directory)
 
 
+STREAMED_DATASET = "train"
+PREFETCH_BATCHES = 2  # batches a worker's iterator reads ahead while the current one trains
+SHARD_COLUMN = "data"  # the column `ray.data.read_numpy` puts each file's rows in
+
+
+def shard_order(num_shards: int, seed: int) -> np.ndarray:
+    """The order the training shards are streamed in: a permutation fixed by `seed`."""
+    return np.random.default_rng([seed, num_shards]).permutation(num_shards)
+
+
+def shard_dataset(split: ShardedSplit, seed: int) -> ray.data.Dataset:
+    """The split's uint8 image shards as a Ray Data dataset, one read task per shard, in `shard_order`."""
+    paths = split.paths("images")
+    dataset = ray.data.read_numpy(
+        [str(paths[i]) for i in shard_order(len(paths), seed)], override_num_blocks=len(paths)
+    )
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
+def epoch_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of a worker's local shuffle buffer in one epoch: a different mix every epoch, repeatable."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def stream_settings(split: ShardedSplit) -> dict[str, Any]:
+    """What a worker needs besides its dataset shard to stream `split`."""
+    return {
+        "num_images": len(split),
+        "shuffle_buffer": max(shard.count for shard in split.shards),
+        # Rank 0 reads them in turn for the fit after training (an AE's code Gaussian).
+        "shard_files": [str(path) for path in split.paths("images")],
+    }
+
+
+def streamed_batches(
+    shard: ray.data.DataIterator | ray.data.Dataset, job: TrainJob, stream: dict[str, Any], ctx: WorkerContext
+) -> StreamedBatches:
+    """This worker's batches from its part of the streamed dataset (`get_dataset_shard` in a worker)."""
+
+    def epoch_batches(epoch: int):
+        for batch in shard.iter_torch_batches(
+            batch_size=job.batch_size,
+            prefetch_batches=PREFETCH_BATCHES,
+            local_shuffle_buffer_size=stream["shuffle_buffer"],
+            local_shuffle_seed=epoch_shuffle_seed(job.seed, epoch, ctx.rank),
+        ):
+            yield batch[SHARD_COLUMN]
+
+    batches = streamed_batches_per_epoch(stream["num_images"], ctx.world_size, job.batch_size)
+    return StreamedBatches(epoch_batches, batches, stream["shard_files"], ctx.device)
+
+
 def _worker_entry(config: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    job = TrainJob(**config["job"])
-    run_training(job, ray.get(config["train"]), ray.get(config["val"]), RayContext())
+    job, ctx = TrainJob(**config["job"]), RayContext()
+    stream = config.get("stream")
+    if stream is None:
+        train = ray.get(config["train"])
+    else:
+        train = streamed_batches(ray.train.get_dataset_shard(STREAMED_DATASET), job, stream, ctx)
+    run_training(job, train, ray.get(config["val"]), ctx)
 
 
 def train_on_ray(
     job: TrainJob,
-    x_train: np.ndarray,
+    x_train: np.ndarray | ShardedSplit,
     x_val: np.ndarray,
     *,
     scaling: Scaling,
@@ -106,15 +186,30 @@ def train_on_ray(
 ) -> TrainOutcome:
     """Train `job` on the connected Ray cluster and copy the final weights to `output_dir`.
 
-    Re-running with the same `storage_path` and `run_name` continues from the run's latest
-    checkpoint instead of starting over.
+    `x_train` whole (uint8 pixels) goes through the object store onto each worker's device; as a
+    `ShardedSplit` it streams from its shard files through Ray Data. Re-running with the same
+    `storage_path` and `run_name` continues from the run's latest checkpoint instead of starting over.
     """
     storage = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
     collect_reports_promptly()
+    config: dict[str, Any] = {"job": asdict(job), "val": ray.put(x_val)}
+    if isinstance(x_train, ShardedSplit):
+        scaling.check_room_for_reads()
+        config["stream"] = stream_settings(x_train)
+        ingest = ray.train.DataConfig.default_ingest_options()
+        ingest.preserve_order = True
+        data_options = {
+            "datasets": {STREAMED_DATASET: shard_dataset(x_train, job.seed)},
+            "dataset_config": ray.train.DataConfig(execution_options=ingest),
+        }
+    else:
+        config["train"] = ray.put(x_train)
+        data_options = {}
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"job": asdict(job), "train": ray.put(x_train), "val": ray.put(x_val)},
+        train_loop_config=config,
         scaling_config=scaling.scaling_config(),
+        **data_options,
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,

@@ -13,7 +13,6 @@ import json
 import math
 import random
 import tempfile
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler
 
 from components.models import GenerativeModel, ModelSpec, create_model
+from components.training.batches import BatchSource, DeviceBatches
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "model.json"
@@ -149,26 +148,13 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     return model.to(device).eval()
 
 
-class _Batches:
-    """Per-worker shards of one tensor held on the device: DDP-consistent, no host copies per step."""
-
-    def __init__(self, data: Tensor, batch_size: int, ctx: WorkerContext, seed: int):
-        self.data, self.batch_size = data, batch_size
-        self.sampler = DistributedSampler(
-            range(len(data)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
-        )
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def epoch(self, epoch: int) -> Iterator[Tensor]:
-        self.sampler.set_epoch(epoch)
-        index = torch.tensor(list(self.sampler), device=self.data.device)
-        yield from (self.data[chunk] for chunk in index.split(self.batch_size))
-
-
-def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: WorkerContext) -> None:
+def run_training(
+    job: TrainJob, x_train: np.ndarray | BatchSource, x_val: np.ndarray, ctx: WorkerContext
+) -> None:
     """Train `job` on this worker's shard of `x_train`; rank 0 reports and checkpoints.
+
+    `x_train` is the whole split (uint8 pixels, or float32 already in [0, 1]), held on the device, or
+    a `BatchSource` that streams this worker's part of it.
 
     The last checkpoint holds the final weights and the history; `read_outcome` reads it back.
     """
@@ -194,9 +180,17 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
         network = torch.compile(network)
 
     binary = model.data_kind == "binary"
-    train = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)).to(ctx.device)
     val = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32)).to(ctx.device)
-    batches = _Batches(train, job.batch_size, ctx, job.seed)
+    batches = x_train
+    if isinstance(x_train, np.ndarray):
+        batches = DeviceBatches(
+            x_train,
+            job.batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=job.seed,
+            device=ctx.device,
+        )
     steps_per_epoch = len(batches)
     diverged = None
 
@@ -252,7 +246,7 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
 
     model.eval()
     if ctx.rank == 0 and diverged is None:
-        model.fit_after_training(train)
+        model.fit_after_training(batches.whole_split())
     final = {"step": step, "diverged": 1.0 if diverged else 0.0}
     _checkpoint(ctx, model, optimizers, step, job.epochs, record, progress, final, reason=diverged)
 

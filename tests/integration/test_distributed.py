@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from components.config import load_params
 from components.models import create_model
+from components.training.batches import DeviceBatches
 from components.training.jobs import TrainingDiverged, train_job, train_model
 from components.training.ray_train import RayContext, Scaling, train_on_ray
 from components.training.trainer import (
@@ -41,7 +42,6 @@ from components.training.trainer import (
     LocalContext,
     TrainJob,
     WorkerContext,
-    _Batches,
     _distribute,
     read_outcome,
     run_training,
@@ -145,7 +145,14 @@ def phase_gradients(family: str, data: np.ndarray, ctx: WorkerContext) -> dict[s
     seed_everything(SEED)
     model = create_model(family, data.shape[1:], **GRADIENT_FAMILIES[family])
     network = _distribute(model, ctx)
-    batches = _Batches(torch.from_numpy(data), GLOBAL_BATCH // ctx.world_size, ctx, SEED)
+    batches = DeviceBatches(
+        data,
+        GLOBAL_BATCH // ctx.world_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=SEED,
+        device=ctx.device,
+    )
     batch = next(iter(batches.epoch(0)))
     gradients = {}
     for phase in model.phases:

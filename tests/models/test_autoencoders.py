@@ -50,7 +50,7 @@ def test_ae_fits_a_full_covariance_gaussian_to_its_codes_and_saves_it(tmp_path: 
     torch.manual_seed(0)
     model = create_model("ae", (1, 8, 8), latent_dim=6).eval()
     x_train = torch.from_numpy(digits.train.images)
-    model.fit_after_training(x_train)
+    model.fit_after_training(x_train.split(500))
     with torch.no_grad():
         codes = model.encode(x_train).double()
     covariance = model.code_cholesky.double() @ model.code_cholesky.double().T
@@ -78,7 +78,7 @@ def test_code_gaussian_survives_collapsed_code_dimensions():
     with torch.no_grad():
         model.encoder.net[-1].weight[0].zero_()
         model.encoder.net[-1].bias[0] = 0.5
-    model.fit_after_training(torch.rand(100, 1, 8, 8))
+    model.fit_after_training([torch.rand(100, 1, 8, 8)])
     assert torch.isfinite(model.code_cholesky).all()
     assert model.code_mean[0].item() == pytest.approx(0.5)
     assert torch.isfinite(model.sample(4)).all()

@@ -47,7 +47,7 @@ def test_family_steps_every_phase_and_samples_at_this_size(family: str, shape: t
         model.after_optimizer_step(phase)
     moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert moved, "no phase changed any weight"
-    model.fit_after_training(x)
+    model.fit_after_training([x])  # the split in pieces, here one
     model.eval()
     samples = model.sample(3, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (3, *shape) and 0 <= samples.min() <= samples.max() <= 1

@@ -9,6 +9,8 @@ estimation" of Ghosh et al., 2020).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -60,9 +62,11 @@ class ConvAutoencoder(ReconstructionModel):
         return {"val_reconstruction_sse": reconstruction_sse(self, x)}
 
     @torch.no_grad()
-    def fit_after_training(self, x_train: Tensor) -> None:
+    def fit_after_training(self, x_train: Iterable[Tensor]) -> None:
         """Fit the code Gaussian by maximum likelihood to the codes of the training images."""
-        codes = torch.cat([self.encode(chunk) for chunk in x_train.split(FIT_BATCH_SIZE)]).double()
+        codes = torch.cat(
+            [self.encode(chunk) for piece in x_train for chunk in piece.split(FIT_BATCH_SIZE)]
+        ).double()
         if len(codes) < 2:
             raise ValueError(f"{type(self).__name__}: need at least 2 training images, got {len(codes)}")
         mean = codes.mean(0)

@@ -1,0 +1,216 @@
+"""Benchmark the two ways training gets its data: the split on the device, or streamed through Ray Data.
+
+Throughput (default): steady-state training images/s of one family, fed by each path, in this
+process on one torch thread (as a Ray Train worker runs), so the seconds a TorchTrainer start-up
+costs (and varies by, on a shared machine) stay out: `run_training` with the on-device source
+against the same with the streamed source built exactly as a worker builds it (`streamed_batches`
+over the shard dataset, with its prefetch and local shuffle; Ray Data's read tasks run in Ray's
+worker processes as in training). Each path trains for 1 and for E epochs; the difference of the
+two wall times is the time of epochs 2..E. The paths alternate for `--rounds` rounds; the table
+gives the median round.
+
+Memory (`--memory-steps S`): peak resident memory of the driver (this process) and of the largest
+Ray process (the training worker, Ray Data's read tasks), sampled every 0.2 s during one real
+`train_on_ray` run of one epoch of S steps (the batch size is the split over S, so runs at N and 4N
+images train as many steps).
+
+Data: the built-in digits (default), or `--generated N` random 3x32x32 uint8 images, prepared as
+the pipeline does, in shards of `--shard-images`.
+
+    .venv/bin/python bench/streaming.py                                   # digits, ~3 minutes
+    .venv/bin/python bench/streaming.py --generated 20000 --memory-steps 200 --family gan
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from common import machine
+
+from components.data.prepared import PreparedData, load_prepared, prepare
+from components.data.raw import RawDataset, builtin_digits, write_raw
+from components.models import create_model
+from components.models.registry import model_class
+from components.training.ray_train import (
+    Scaling,
+    ray_cluster,
+    shard_dataset,
+    stream_settings,
+    streamed_batches,
+    train_on_ray,
+)
+from components.training.trainer import LocalContext, TrainJob, run_training
+
+RESULTS = Path(__file__).with_name("RESULTS-streaming.md")
+PATHS = ("on-device", "streamed")
+
+
+class PeakMemory:
+    """Peak RSS of this process and of the largest of its descendants (Ray's workers and tasks),
+    sampled in a background thread."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.driver_peak, self.worker_peak = interval_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.driver_peak = max(self.driver_peak, me.memory_info().rss)
+            for child in me.children(recursive=True):
+                try:
+                    if " ".join(child.cmdline()).startswith("ray::"):
+                        self.worker_peak = max(self.worker_peak, child.memory_info().rss)
+                except psutil.Error:  # a task's process may end between listing and reading
+                    continue
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def generated(n: int, seed: int = 0) -> RawDataset:
+    """`n` random 3x32x32 uint8 images: memory and throughput depend on the size, not the content."""
+    images = np.random.default_rng(seed).integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+    return RawDataset(images, None, f"generated-{n}", "bench/streaming.py")
+
+
+def memory_run(job: TrainJob, data: PreparedData, path: str, work: Path) -> float:
+    """Seconds of one `train_on_ray` run, as `genpipe run` trains a model."""
+    started = time.perf_counter()
+    train_on_ray(
+        job,
+        data.train.shards if path == "streamed" else data.train.pixels,
+        data.val.for_kind(model_class(job.spec.name).data_kind),
+        scaling=Scaling(workers=1, gpus_per_worker=0),
+        storage_path=work / "ray",
+        run_name=f"memory-{path}",
+        output_dir=work / "out" / path,
+    )
+    return time.perf_counter() - started
+
+
+def in_process_run(job: TrainJob, data: PreparedData, path: str, epochs: int, work: Path) -> float:
+    """Seconds of `run_training` for `epochs` in this process, fed by `path`."""
+    job = replace(job, epochs=epochs)
+    shutil.rmtree(work / "local", ignore_errors=True)
+    ctx = LocalContext(work / "local")
+    if path == "streamed":
+        split = data.train.shards
+        train = streamed_batches(shard_dataset(split, job.seed), job, stream_settings(split), ctx)
+    else:
+        train = data.train.pixels
+    val = data.val.for_kind(model_class(job.spec.name).data_kind)
+    started = time.perf_counter()
+    run_training(job, train, val, ctx)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", default="ae")
+    parser.add_argument("--generated", type=int, help="random 3x32x32 images instead of the digits")
+    parser.add_argument("--shard-images", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=6, help="E: the longer run's epochs")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        help="measure memory only: one run of one epoch of this many steps (the batch size follows)",
+    )
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the throughput runs")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to append the table to")
+    args = parser.parse_args()
+
+    mib = 2**20
+    with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp:
+        work = Path(tmp)
+        write_raw(builtin_digits() if args.generated is None else generated(args.generated), work / "raw")
+        prepare(work / "raw", work / "prepared", 0.1, 0.2, 0, args.shard_images)
+        meta = load_prepared(work / "prepared")
+        name, shape, num_train = meta.name, list(meta.image_shape), len(meta.train)
+        batch_size = (
+            args.batch_size if args.memory_steps is None else math.ceil(num_train / args.memory_steps)
+        )
+        steps_per_epoch = math.ceil(num_train / batch_size)
+        epochs = 1 if args.memory_steps else args.epochs
+        spec = create_model(args.family, meta.image_shape).spec
+        job = TrainJob(model=spec.to_dict(), epochs=epochs, batch_size=batch_size, lr=1e-3, seed=0)
+        del meta
+        rows = []
+        with ray_cluster():
+            if args.memory_steps:
+                for path in args.paths:
+                    data = load_prepared(work / "prepared")  # afresh: no split one path read stays cached
+                    with PeakMemory() as memory:
+                        seconds = memory_run(job, data, path, work)
+                    del data
+                    rows.append(
+                        f"| {path} | {seconds:.1f} | | {memory.driver_peak / mib:,.0f} | {memory.worker_peak / mib:,.0f} |"
+                    )
+                    print(rows[-1], flush=True)
+            else:
+                torch.set_num_threads(1)
+                data = load_prepared(work / "prepared")
+                rounds: dict[str, list[tuple[float, float]]] = {path: [] for path in args.paths}
+                for _ in range(args.rounds):
+                    for path in args.paths:
+                        rounds[path].append(
+                            (
+                                in_process_run(job, data, path, 1, work),
+                                in_process_run(job, data, path, epochs, work),
+                            )
+                        )
+                        print(path, rounds[path][-1], flush=True)
+                images = (epochs - 1) * num_train
+                for path, times in rounds.items():
+                    short, long = sorted(times, key=lambda t: t[1] - t[0])[len(times) // 2]
+                    rows.append(f"| {path} | {short:.2f} | {long:.2f} | {images / (long - short):,.0f} | |")
+
+    table = [
+        f"### {name} {shape}: {num_train:,} training images, {args.family}, batch {batch_size}, "
+        + (
+            f"one `train_on_ray` run (1 worker) of one epoch of {steps_per_epoch} steps"
+            if args.memory_steps
+            else f"E = {epochs}, in this process on 1 thread, median of {args.rounds} rounds"
+        ),
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `.venv/bin/python bench/streaming.py {' '.join(sys.argv[1:])}`",
+        "",
+        (
+            "| path | run s | | driver peak RSS MiB | largest Ray process peak RSS MiB |"
+            if args.memory_steps
+            else "| path | 1-epoch run s | E-epoch run s | steady images/s | |"
+        ),
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+    print("\n".join(table))
+    with args.results.open("a") as out:
+        out.write("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
