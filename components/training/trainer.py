@@ -13,6 +13,7 @@ import json
 import math
 import random
 import tempfile
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,7 +234,7 @@ def run_training(
             with torch.no_grad():
                 metrics.update({k: float(v) for k, v in model.validation_metrics(val).items()})
                 if job.samples_due(epoch + 1):
-                    progress[epoch + 1] = _progress_samples(model, train, job.seed)
+                    progress[epoch + 1] = _progress_samples(model, batches.whole_split(), job.seed)
         metrics.update(epoch=epoch + 1, step=step)
         history.append(metrics)
         if bad:
@@ -252,7 +253,7 @@ def run_training(
 
 
 @torch.no_grad()
-def _progress_samples(model: GenerativeModel, x_train: Tensor, seed: int) -> np.ndarray:
+def _progress_samples(model: GenerativeModel, x_train: Iterable[Tensor], seed: int) -> np.ndarray:
     """Samples from fixed noise, so the grids of successive epochs show the same draws improving."""
     model.fit_after_training(x_train)  # a fitted sampling prior (an AE's) follows the current codes
     images = model.sample(PROGRESS_GRID, generator=torch.Generator(device=model.device).manual_seed(seed))
