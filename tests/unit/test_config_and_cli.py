@@ -29,6 +29,19 @@ def test_overrides_apply_and_unknown_keys_are_named(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+def test_a_value_given_for_one_run_wins_over_the_familys_own_setting():
+    from components.training.jobs import train_job, train_settings
+
+    file_only = load_params(ROOT / "params.yaml")
+    assert file_only["train"]["per_model"]["gan"]["epochs"] > 1, "the file gives gan its own epochs"
+    params = load_params(ROOT / "params.yaml", {"train": {"epochs": 1}})
+    assert train_job(params, "gan", (1, 8, 8)).epochs == 1
+    assert train_settings(params, "fvsbn")["lr"] == file_only["train"]["per_model"]["fvsbn"]["lr"]
+    # A per-family value given for the run itself still applies to that family only.
+    params = load_params(ROOT / "params.yaml", {"train": {"epochs": 1, "per_model": {"gan": {"epochs": 2}}}})
+    assert (train_settings(params, "gan")["epochs"], train_settings(params, "vae")["epochs"]) == (2, 1)
+
+
 @pytest.mark.parametrize(
     "command", [[], ["run"], ["schedule"], ["status"], ["sample"], ["models"], ["data", "import"]]
 )
