@@ -67,3 +67,13 @@ def merge(base: dict[str, Any], overrides: dict[str, Any], where: str = "params"
         else:
             merged[key] = value
     return merged
+
+
+def train_settings(params: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """`train` with the family's own overrides (`train.per_model.<name>`, e.g. more epochs for a GAN)."""
+    settings = {k: v for k, v in params["train"].items() if k != "per_model"}
+    overrides = (params["train"].get("per_model") or {}).get(model_name) or {}
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise ValueError(f"params.yaml train.per_model.{model_name}: unknown key(s) {', '.join(unknown)}")
+    return {**settings, **overrides}

@@ -46,7 +46,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _tracking(project_dir: Path):
     from components.config import load_params
-    from components.registry.tracking import client_for, resolve_tracking_uri
+    from components.registry.store import client_for, resolve_tracking_uri
 
     params = load_params(project_dir / "params.yaml")
     uri = resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project_dir)
@@ -156,7 +156,7 @@ def status(
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """One row per registered model: champion version, primary metric, data version, when registered."""
-    from components.registry.models import registry_status
+    from components.registry.store import registry_status
 
     _, uri, client = _tracking(project_dir)
     rows = registry_status(client)
@@ -206,7 +206,7 @@ def sample(
 def _registered(model: str, params: dict, project_dir: Path) -> str:
     """`vae` -> `<current dataset>.vae`; a full registered name is kept as it is."""
     from components.data.raw import DataError, dataset_name
-    from components.registry.models import registered_name
+    from components.registry.store import registered_name
 
     if "." in model:
         return model
@@ -306,16 +306,14 @@ def lineage(
 @app.command("models")
 def list_families() -> None:
     """List the registered model families and their hyper-parameters."""
-    from components.models import hyperparameters, list_models
-    from components.models.registry import model_class
+    from components.catalogue import family_catalogue
 
     table = Table(title="Model families")
     for column in ("name", "kind", "primary metric", "hyper-parameters (defaults)"):
         table.add_column(column)
-    for name in list_models():
-        cls = model_class(name)
-        params = ", ".join(f"{k}={v}" for k, v in hyperparameters(name).items())
-        table.add_row(name, cls.data_kind, cls.primary_metric, params)
+    for family in family_catalogue():
+        params = ", ".join(f"{k}={v}" for k, v in family.hyperparameters.items())
+        table.add_row(family.name, family.data_kind, family.primary_metric, params)
     console.print(table)
 
 

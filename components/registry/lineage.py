@@ -16,9 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from components.models.base import GenerativeModel
-from components.models.registry import model_class
-from components.training.jobs import train_settings
+from components.config import train_settings
 
 PACKAGES = ("torch", "ray", "mlflow", "prefect", "dvc", "torchmetrics", "numpy")
 SHARED_CODE = (
@@ -40,6 +38,10 @@ def params_hash(params: dict[str, Any]) -> str:
 
 def family_code_hash(model: str) -> str:
     """Hash of the source of the family's class hierarchy and the shared training/evaluation code."""
+    # Imported here, not above: `genpipe lineage` reads this module's other functions without torch.
+    from components.models.base import GenerativeModel
+    from components.models.registry import model_class
+
     modules = {
         klass.__module__
         for klass in model_class(model).__mro__

@@ -6,7 +6,6 @@ several models can log from concurrent threads safely.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,20 +23,11 @@ from components.evaluation.evaluate import Evaluation
 from components.evaluation.images import save_grid
 from components.registry.pyfunc import write_model_package
 
+# Defined where `genpipe status` reads them without torch; the flow imports them from here too.
+from components.registry.store import client_for as client_for
+from components.registry.store import resolve_tracking_uri as resolve_tracking_uri
+
 MAX_PARAM_LENGTH = 6000
-
-
-def resolve_tracking_uri(configured: str | None = None, workdir: str | Path = ".") -> str:
-    """`configured` (params) > $MLFLOW_TRACKING_URI > a SQLite file in the working directory."""
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(workdir) / 'mlflow.db').resolve()}"
-
-
-def client_for(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

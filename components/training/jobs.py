@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from components.config import train_settings
 from components.data.prepared import PreparedData
 from components.models import create_model
 from components.models.registry import model_class
@@ -15,16 +16,6 @@ from components.training.trainer import TrainJob, TrainOutcome
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the model is not registered."""
-
-
-def train_settings(params: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """`train` with the family's own overrides (`train.per_model.<name>`, e.g. more epochs for a GAN)."""
-    settings = {k: v for k, v in params["train"].items() if k != "per_model"}
-    overrides = (params["train"].get("per_model") or {}).get(model_name) or {}
-    unknown = sorted(set(overrides) - set(settings))
-    if unknown:
-        raise ValueError(f"params.yaml train.per_model.{model_name}: unknown key(s) {', '.join(unknown)}")
-    return {**settings, **overrides}
 
 
 def train_job(params: dict[str, Any], model_name: str, image_shape: tuple[int, int, int]) -> TrainJob:
