@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -73,12 +75,17 @@ def run(
     production_registry_uri: Annotated[
         str | None, typer.Option(help="MLflow server that receives promoted champions.")
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print Prefect's logs here too, not only to the log file.")
+    ] = False,
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """Run the retraining flow once: prepare, plan, train, evaluate, register, promote."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from components.config import ConfigError, load_params
+    from flows.logs import new_log_file, route_logs
+    from flows.progress import LiveProgress, PlainProgress, feed
     from flows.retrain import retrain
 
     train = {
@@ -98,8 +105,15 @@ def run(
     flow = retrain.with_options(
         task_runner=ThreadPoolTaskRunner(max_workers=int(params["train"]["max_concurrent_models"]))
     )
+    log_file = new_log_file(project_dir)
+    route_logs(log_file, terminal=verbose)
+    # The live display redraws its rows in place, which log lines printed beside it would break.
+    live = console.is_terminal and not verbose
+    display = (
+        LiveProgress(console) if live else nullcontext(PlainProgress(functools.partial(print, flush=True)))
+    )
     started = time.monotonic()
-    with console.status("[bold]genpipe: retraining (Prefect logs below)..."):
+    with display as listener, feed.listening(listener):
         state = flow(
             project_dir=str(project_dir),
             models=_csv(models),
@@ -127,6 +141,7 @@ def run(
     console.print(f"  MLflow UI:  mlflow ui --backend-store-uri {uri}")
     console.print("  Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
     console.print("  Registry:   genpipe status")
+    console.print(f"  Logs:       {log_file}")
     if state.is_failed():
         raise _fail(state.message or "some models failed")
 

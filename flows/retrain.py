@@ -49,7 +49,9 @@ from components.registry.tracking import RunLogger, client_for, resolve_tracking
 from components.training.jobs import RunLedger, scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
+from flows.logs import quiet_tool_notices
 from flows.open_runs import OpenRuns
+from flows.progress import feed
 from flows.registry_turn import registry_turn
 
 LOCK_FILE = ".genpipe.lock"
@@ -190,6 +192,7 @@ def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[P
 def train(planned: Plan, inputs: Inputs) -> Trained:
     logger = get_run_logger()
     model = planned.model
+    feed.stage(model, "training")
     data = inputs.data()
     job = train_job(inputs.params, model, data.image_shape)
     client = client_for(inputs.tracking_uri)
@@ -226,7 +229,12 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             job.epochs,
         )
         outcome = train_model(
-            job, data, inputs.params, project_dir=Path(inputs.project_dir), run_name=planned.ray_run_name
+            job,
+            data,
+            inputs.params,
+            project_dir=Path(inputs.project_dir),
+            run_name=planned.ray_run_name,
+            on_progress=functools.partial(feed.training, model),
         )
         run.log_history(outcome.history)
         run.set_tags({"resumed_from_step": outcome.resumed_from_step})
@@ -242,6 +250,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{trained.model}")
 def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
+    feed.stage(trained.model, "evaluating")
     run = RunLogger(client_for(inputs.tracking_uri), trained.run_id)
     with run.fail_on_error():
         evaluation = _evaluate(load_model_dir(trained.model_dir), inputs)
@@ -259,6 +268,7 @@ def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
 @task(name="register", cache_policy=NO_CACHE, task_run_name="register-{trained.model}", **TRANSIENT_RETRIES)
 def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
     """Register once: a retry finds the version an earlier attempt created (re-uploading the same files)."""
+    feed.stage(trained.model, "registering")
     client = client_for(inputs.tracking_uri)
     name = inputs.registered_name(trained.model)
     run = RunLogger(client, trained.run_id)
@@ -364,7 +374,13 @@ def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
         final = futures[-1]
         final.wait()
         results.append(final.result() if final.state.is_completed() else _branch_failure(model, futures))
+        done = results[-1]
+        feed.stage(model, "failed" if done.status == "failed" else "done", _outcome(done))
     return results
+
+
+def _outcome(result: ModelResult) -> str:
+    return f"{result.status} v{result.version}" if result.version else result.detail
 
 
 @flow(name="genpipe-retrain", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -378,6 +394,7 @@ def retrain(
     data_rev: str | None = None,
 ):
     """Retrain the models of params.yaml (or `models`) whose inputs changed, on the current data."""
+    quiet_tool_notices()
     project = Path(project_dir).resolve()
     params = load_params(project / "params.yaml", overrides)
     models = list(models or params["train"]["models"])
@@ -387,6 +404,8 @@ def retrain(
     def nothing_done(why: str) -> Completed:
         message = f"{why}; nothing done"
         logger.warning(message)
+        for model in models:
+            feed.stage(model, "skipped", message)
         return Completed(message=message, data=[ModelResult(m, "skipped", message).__dict__ for m in models])
 
     with ExitStack() as held:
@@ -430,6 +449,8 @@ def retrain(
             context="train",
         )
         plans = plan(models, inputs, force, resume)
+        for planned in plans:
+            feed.stage(planned.model, "queued" if planned.action == "train" else "skipped", planned.reason)
         needs_cluster = any(p.action == "train" for p in plans)
         with ray_cluster(ray_address) if needs_cluster else nullcontext():
             results = _run_branches(plans, inputs)

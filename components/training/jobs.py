@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from components.data.prepared import PreparedData
 from components.models import create_model
 from components.models.registry import model_class
 from components.training.ray_train import Scaling, train_on_ray
-from components.training.trainer import TrainJob, TrainOutcome
+from components.training.trainer import TrainJob, TrainOutcome, TrainProgress
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,11 +50,18 @@ def storage_path(params: dict[str, Any], project_dir: Path) -> str:
 
 
 def train_model(
-    job: TrainJob, data: PreparedData, params: dict[str, Any], *, project_dir: Path, run_name: str
+    job: TrainJob,
+    data: PreparedData,
+    params: dict[str, Any],
+    *,
+    project_dir: Path,
+    run_name: str,
+    on_progress: Callable[[TrainProgress], None] | None = None,
 ) -> TrainOutcome:
     """Train on Ray; the final weights land in `<project>/outputs/<run_name>`.
 
-    Raises TrainingDiverged when the loss blew up.
+    `on_progress` receives where the training is, about once a second. Raises TrainingDiverged when
+    the loss blew up.
     """
     kind = model_class(job.spec.name).data_kind
     outcome = train_on_ray(
@@ -64,6 +72,7 @@ def train_model(
         storage_path=storage_path(params, project_dir),
         run_name=run_name,
         output_dir=Path(project_dir) / "outputs" / run_name,
+        on_progress=on_progress,
     )
     if outcome.diverged:
         raise TrainingDiverged(f"model {job.spec.name!r} diverged: {outcome.diverged}")

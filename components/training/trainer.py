@@ -13,7 +13,8 @@ import json
 import math
 import random
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "model.json"
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
+PROGRESS_INTERVAL_S = 1.0  # rank 0 says where it is this often, not every step
 
 
 @dataclass
@@ -66,12 +68,26 @@ class TrainOutcome:
     resumed_from_step: int = 0  # the checkpoint's step when a restarted run continued, else 0
 
 
+@dataclass
+class TrainProgress:
+    """Where a training is, sent by rank 0 about once a second while it trains."""
+
+    step: int
+    total_steps: int
+    epoch: int  # the epoch in progress, from 1
+    epochs: int
+    loss: float | None  # the last phase's loss at `step`; None before the first step
+    images_per_s: float  # over all workers, since the previous record
+
+
 class WorkerContext(Protocol):
     rank: int
     world_size: int
     device: torch.device
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+    def progress(self, update: TrainProgress) -> None: ...
 
     def restored_checkpoint(self) -> AbstractContextManager[Path | None]: ...
 
@@ -81,9 +97,19 @@ class LocalContext:
 
     rank, world_size = 0, 1
 
-    def __init__(self, output_dir: Path, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        output_dir: Path,
+        device: str | torch.device = "cpu",
+        on_progress: Callable[[TrainProgress], None] | None = None,
+    ):
         self.device = torch.device(device)
         self.output_dir = Path(output_dir)
+        self.on_progress = on_progress
+
+    def progress(self, update: TrainProgress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(update)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -190,6 +216,7 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
     batches = _Batches(train, job.batch_size, ctx, job.seed)
     steps_per_epoch = len(batches)
     diverged = None
+    pacer = _ProgressPacer(ctx, job, steps_per_epoch * job.epochs, step, start_epoch)
 
     for epoch in range(start_epoch, job.epochs):
         model.train()
@@ -218,6 +245,7 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
                     sums[name] = sums.get(name, 0.0) + value.detach().float()
                     counts[name] = counts.get(name, 0) + 1
             step += 1
+            pacer.step_done(step, epoch, outputs["loss"])
             # One due on the epoch's last batch waits for the epoch's metrics (below): saved here, a
             # resume would find the epoch done but not in the history, and lose its training metrics.
             if job.checkpoint_due(step) and batch_index + 1 < steps_per_epoch:
@@ -239,11 +267,46 @@ def run_training(job: TrainJob, x_train: np.ndarray, x_val: np.ndarray, ctx: Wor
         if job.checkpoint_due(step):
             _checkpoint(ctx, model, optimizers, step, epoch + 1, record, metrics)
 
+    pacer.finished(step)
     model.eval()
     if ctx.rank == 0 and diverged is None:
         model.fit_after_training(train)
     final = {"step": step, "diverged": 1.0 if diverged else 0.0}
     _checkpoint(ctx, model, optimizers, step, job.epochs, record, final, reason=diverged)
+
+
+class _ProgressPacer:
+    """Sends rank 0's `TrainProgress` at most every `PROGRESS_INTERVAL_S`; one clock read per step."""
+
+    def __init__(self, ctx: WorkerContext, job: TrainJob, total_steps: int, step: int, epoch: int):
+        self.ctx, self.job, self.total_steps = ctx, job, total_steps
+        self.epoch, self.loss = epoch, None
+        self.sent_at, self.sent_step = time.monotonic(), step
+        self._send(step)
+
+    def step_done(self, step: int, epoch: int, loss: Tensor) -> None:
+        self.epoch, self.loss = epoch, loss  # a reference: read (one host sync) only when sent
+        if self.ctx.rank == 0 and time.monotonic() - self.sent_at >= PROGRESS_INTERVAL_S:
+            self._send(step)
+
+    def finished(self, step: int) -> None:
+        self._send(step)
+
+    def _send(self, step: int) -> None:
+        if self.ctx.rank != 0:
+            return
+        now = time.monotonic()
+        images = (step - self.sent_step) * self.job.batch_size * self.ctx.world_size
+        update = TrainProgress(
+            step,
+            self.total_steps,
+            min(self.epoch + 1, self.job.epochs),
+            self.job.epochs,
+            None if self.loss is None else float(self.loss.detach()),
+            images / max(now - self.sent_at, 1e-9),
+        )
+        self.ctx.progress(update)
+        self.sent_at, self.sent_step = now, step
 
 
 def _distribute(model: GenerativeModel, ctx: WorkerContext) -> nn.Module:

@@ -1,0 +1,39 @@
+"""The plain (non-terminal) form of `genpipe run`'s progress, and the feed that carries it."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from components.training.trainer import TrainProgress
+from flows.progress import PlainProgress, ProgressFeed, stage_line
+
+
+def test_a_stage_line_has_the_time_the_model_the_stage_and_the_detail():
+    when = dt.datetime(2026, 12, 2, 7, 5, 9)
+    assert stage_line("vae", "done", "promoted v3", when) == "07:05:09 vae        done        promoted v3"
+    assert stage_line("wgan-gp", "training", when=when) == "07:05:09 wgan-gp    training"
+
+
+def test_plain_form_prints_one_line_per_stage_change_and_what_training_reached():
+    lines: list[str] = []
+    feed = ProgressFeed()
+    with feed.listening(PlainProgress(lines.append)):
+        feed.stage("vae", "queued", "no registered version yet")
+        feed.stage("vae", "training")
+        for step in (0, 7, 20):
+            feed.training("vae", TrainProgress(step, 20, 1, 1, 0.25 if step else None, 1234.0))
+        feed.stage("vae", "evaluating")
+        feed.stage("vae", "done", "promoted v1")
+        with pytest.raises(ValueError, match="unknown stage 'trained'"):
+            feed.stage("vae", "trained")
+    feed.stage("vae", "done", "after the listener left")
+    assert [line.split()[1:3] for line in lines] == [
+        ["vae", "queued"],
+        ["vae", "training"],
+        ["vae", "evaluating"],
+        ["vae", "done"],
+    ]
+    assert lines[2].endswith("(trained: step 20/20, epoch 1/1, loss 0.25, 1,234 images/s)")
+    assert lines[3].endswith("done        promoted v1")
