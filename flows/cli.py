@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -106,14 +106,18 @@ def run(
         task_runner=ThreadPoolTaskRunner(max_workers=int(params["train"]["max_concurrent_models"]))
     )
     log_file = new_log_file(project_dir)
-    route_logs(log_file, terminal=verbose)
+    log_stream = route_logs(log_file, terminal=verbose)
     # The live display redraws its rows in place, which log lines printed beside it would break.
     live = console.is_terminal and not verbose
     display = (
-        LiveProgress(console) if live else nullcontext(PlainProgress(functools.partial(print, flush=True)))
+        LiveProgress(console)
+        if live
+        else contextlib.nullcontext(PlainProgress(functools.partial(print, flush=True)))
     )
+    # What the tools print to stderr themselves (MLflow's "Copied version ..."), not as log records.
+    stray_prints = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(log_stream)
     started = time.monotonic()
-    with display as listener, feed.listening(listener):
+    with stray_prints, display as listener, feed.listening(listener):
         state = flow(
             project_dir=str(project_dir),
             models=_csv(models),

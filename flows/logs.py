@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sys
 import warnings
 from pathlib import Path
+from typing import TextIO
 
 LOG_DIR = "outputs/logs"
 
@@ -53,22 +55,29 @@ def new_log_file(project_dir: Path) -> Path:
     return directory / f"run-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.log"
 
 
-def route_logs(log_file: Path, terminal: bool) -> None:
-    """Send what Prefect's console handlers print, and Python warnings, to `log_file` (and keep the
-    terminal too when `terminal`). Call after Prefect configured logging (importing a flow does)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
+def _prints_to_terminal(handler: logging.Handler) -> bool:
+    terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return getattr(handler, "stream", None) in terminal
 
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+
+def route_logs(log_file: Path, terminal: bool) -> TextIO:
+    """Send the log records that Prefect, MLflow and Ray print, and Python warnings, to `log_file`
+    (and still to the terminal when `terminal`); the open file is returned for stray prints.
+
+    Call after those libraries configured their loggers (importing the flow module does)."""
+    stream = open(log_file, "a", encoding="utf-8", buffering=1)
+    file_handler = logging.StreamHandler(stream)
     file_handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s - %(message)s", "%H:%M:%S")
     )
     loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
     for logger in loggers:
-        consoles = [h for h in logger.handlers if isinstance(h, PrefectConsoleHandler)]
-        if not consoles:
+        printing = [h for h in logger.handlers if _prints_to_terminal(h)]
+        if not printing:
             continue
         logger.addHandler(file_handler)
         if not terminal:
-            for handler in consoles:
+            for handler in printing:
                 logger.removeHandler(handler)
     logging.captureWarnings(True)  # "py.warnings" records reach the root logger's handlers, the file
+    return stream

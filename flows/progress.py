@@ -106,6 +106,7 @@ class LiveProgress:
             TimeRemainingColumn(),
             console=console,
             refresh_per_second=4,
+            redirect_stderr=False,  # `genpipe run` sends stderr to the log file
         )
         self._tasks: dict[str, int] = {}
 

@@ -119,7 +119,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _progress_feed(on_progress: Callable[[TrainProgress], None] | None) -> Iterator[dict[str, Any]]:
+def progress_feed(on_progress: Callable[[TrainProgress], None] | None) -> Iterator[dict[str, Any]]:
     """Train-loop config entries that make rank 0 post progress; a thread hands it to `on_progress`."""
     if on_progress is None:
         yield {}
@@ -166,7 +166,7 @@ def train_on_ray(
     """
     storage = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
     collect_reports_promptly()
-    with _progress_feed(on_progress) as progress_config:
+    with progress_feed(on_progress) as progress_config:
         trainer = TorchTrainer(
             _worker_entry,
             train_loop_config={
