@@ -3,7 +3,8 @@
 Each command runs as a new process (`python -m flows.cli ...`, as a user's shell starts `genpipe`)
 against a project whose SQLite registry holds one champion version. Several checkouts can be
 measured side by side (`--checkout before=/path/to/old/checkout`); their runs are interleaved, so a
-shared machine's changing load hits them alike. Reported: the median of `--repeat` runs, and the range.
+shared machine's changing load hits them alike. Reported: the median of `--repeat` runs (and the
+range) of wall time, and of CPU time, which a loaded machine inflates less.
 
     .venv/bin/python bench/cli_latency.py                                  # this checkout
     .venv/bin/python bench/cli_latency.py --checkout before=../main --checkout after=.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,8 +55,9 @@ def commands(project: Path) -> dict[str, list[str]]:
     }
 
 
-def wall_time(checkout: Path, arguments: list[str]) -> float:
-    """Seconds from process start to exit of `python -m flows.cli <arguments>` run from `checkout`."""
+def timed(checkout: Path, arguments: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of `python -m flows.cli <arguments>` run from `checkout`."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "flows.cli", *arguments],
@@ -63,7 +66,10 @@ def wall_time(checkout: Path, arguments: list[str]) -> float:
         stdout=subprocess.DEVNULL,
         env={**os.environ, "COLUMNS": "200"},
     )
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return wall, cpu
 
 
 def main() -> None:
@@ -83,28 +89,33 @@ def main() -> None:
         jobs = commands(registry_project(Path(tmp)))
         for label, checkout in checkouts.items():  # one untimed run each: byte-compiles, warms the page cache
             for arguments in jobs.values():
-                wall_time(Path(checkout), arguments)
+                timed(Path(checkout), arguments)
             print(f"warmed up {label}", file=sys.stderr)
-        times: dict[tuple[str, str], list[float]] = {}
+        times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(args.repeat):
             for command, arguments in jobs.items():
                 for label, checkout in checkouts.items():
-                    times.setdefault((command, label), []).append(wall_time(Path(checkout), arguments))
+                    times.setdefault((command, label), []).append(timed(Path(checkout), arguments))
 
-    header = "| command | " + " | ".join(f"{label}: median s (range)" for label in checkouts) + " |"
-    lines = [header, "|---|" + "---:|" * len(checkouts)]
+    header = "| command | " + " | ".join(
+        f"{label}: wall s, median (range) | {label}: CPU s" for label in checkouts
+    )
+    lines = [header + " |", "|---|" + "---:|---:|" * len(checkouts)]
     for command in jobs:
         cells = []
         for label in checkouts:
-            runs = times[(command, label)]
-            cells.append(f"{statistics.median(runs):.2f} ({min(runs):.2f}-{max(runs):.2f})")
+            walls, cpus = zip(*times[(command, label)], strict=True)
+            cells.append(f"{statistics.median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f})")
+            cells.append(f"{statistics.median(cpus):.2f}")
         lines.append(f"| `{command}` | " + " | ".join(cells) + " |")
     report = "\n".join(
         [
             "# Latency of the read-only commands",
             "",
-            f"Wall time of a new process per command (`python -m flows.cli ...`), median of {args.repeat} "
-            "runs after one warm-up run; a project whose SQLite registry holds one champion version.",
+            f"Wall and CPU (user + system) time of a new process per command (`python -m flows.cli ...`), "
+            f"median of {args.repeat} runs after one warm-up run; a project whose SQLite registry holds one "
+            "champion version. On a shared machine the CPU time is the steadier figure: a quiet machine's "
+            "wall time is close to it.",
             "",
             f"Machine: {machine()}; 1-minute load average {load_at_start:.1f} at the start "
             "(other jobs share this machine).",
