@@ -54,6 +54,15 @@ class ProgressFeed:
         finally:
             self._listeners.remove(listener)
 
+    @contextmanager
+    def logged_unless_watched(self, log: Callable[[str], None]) -> Iterator[None]:
+        """Stage lines to `log` (a scheduled run's log) when no display of this process listens."""
+        if self._listeners:
+            yield
+            return
+        with self.listening(PlainProgress(log)):
+            yield
+
 
 feed = ProgressFeed()
 

@@ -409,6 +409,7 @@ def retrain(
         return Completed(message=message, data=[ModelResult(m, "skipped", message).__dict__ for m in models])
 
     with ExitStack() as held:
+        held.enter_context(feed.logged_unless_watched(logger.info))  # a scheduled run's log
         try:
             held.enter_context(FileLock(project / LOCK_FILE).acquire(timeout=wait_s))
         except Timeout:

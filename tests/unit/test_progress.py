@@ -37,3 +37,14 @@ def test_plain_form_prints_one_line_per_stage_change_and_what_training_reached()
     ]
     assert lines[2].endswith("(trained: step 20/20, epoch 1/1, loss 0.25, 1,234 images/s)")
     assert lines[3].endswith("done        promoted v1")
+
+
+def test_stage_lines_go_to_the_log_only_when_no_display_listens():
+    feed, logged, shown = ProgressFeed(), [], []
+    with feed.logged_unless_watched(logged.append):
+        feed.stage("gan", "queued")
+    with feed.listening(PlainProgress(shown.append)), feed.logged_unless_watched(logged.append):
+        feed.stage("gan", "training")
+    feed.stage("gan", "done")
+    assert [line.split()[1:] for line in logged] == [["gan", "queued"]]
+    assert [line.split()[1:] for line in shown] == [["gan", "training"]]
