@@ -19,6 +19,8 @@ LOG_DIR = "outputs/logs"
 IGNORED_WARNINGS = (
     # MLflow guesses a dataset's source type from its path; genpipe's local data paths match two kinds.
     r"The specified dataset source can be interpreted in multiple ways",
+    # torchmetrics' KID keeps its features; genpipe feeds it a bounded `evaluate.num_samples`.
+    r"Metric `Kernel Inception Distance` will save all extracted features in buffer",
 )
 IGNORED_LOG_RECORDS = {
     # A local Ray instance started for one run listens on this machine only.

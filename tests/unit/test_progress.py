@@ -48,3 +48,22 @@ def test_stage_lines_go_to_the_log_only_when_no_display_listens():
     feed.stage("gan", "done")
     assert [line.split()[1:] for line in logged] == [["gan", "queued"]]
     assert [line.split()[1:] for line in shown] == [["gan", "training"]]
+
+
+def test_only_the_named_tool_notices_are_dropped(caplog):
+    import logging
+    import warnings
+
+    from flows.logs import quiet_tool_notices
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_tool_notices()
+        warnings.warn("The specified dataset source can be interpreted in multiple ways: a, b", stacklevel=1)
+        warnings.warn("The specified dataset source does not exist", stacklevel=1)
+    assert [str(w.message) for w in caught] == ["The specified dataset source does not exist"]
+    ray_auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    with caplog.at_level(logging.WARNING, logger=ray_auth.name):
+        ray_auth.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+        ray_auth.warning("Token authentication failed")
+    assert [r.getMessage() for r in caplog.records] == ["Token authentication failed"]
