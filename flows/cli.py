@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import json
 import os
@@ -53,7 +54,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _tracking(project_dir: Path):
     from components.config import load_params
-    from components.registry.tracking import client_for, resolve_tracking_uri
+    from components.registry.store import client_for, resolve_tracking_uri
 
     params = load_params(project_dir / "params.yaml")
     uri = resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project_dir)
@@ -80,6 +81,9 @@ def run(
     production_registry_uri: Annotated[
         str | None, typer.Option(help="MLflow server that receives promoted champions.")
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print Prefect's logs here too, not only to the log file.")
+    ] = False,
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """Run the retraining flow once: prepare, plan, train, evaluate, register, promote.
@@ -88,6 +92,8 @@ def run(
     registry, so that nothing was done.
     """
     from components.config import ConfigError, load_params
+    from flows.logs import new_log_file, route_logs
+    from flows.progress import LiveProgress, PlainProgress, feed
     from flows.retrain import retrain
 
     train = {
@@ -104,8 +110,19 @@ def run(
         load_params(project_dir / "params.yaml", overrides)
     except ConfigError as err:
         raise _fail(str(err)) from err
+    log_file = new_log_file(project_dir)
+    log_stream = route_logs(log_file, terminal=verbose)
+    # The live display redraws its rows in place, which log lines printed beside it would break.
+    live = console.is_terminal and not verbose
+    display = (
+        LiveProgress(console)
+        if live
+        else contextlib.nullcontext(PlainProgress(functools.partial(print, flush=True)))
+    )
+    # What the tools print to stderr themselves (MLflow's "Copied version ..."), not as log records.
+    stray_prints = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(log_stream)
     started = time.monotonic()
-    with console.status("[bold]genpipe: retraining (Prefect logs below)..."):
+    with stray_prints, display as listener, feed.listening(listener):
         state = retrain(
             project_dir=str(project_dir),
             models=_csv(models),
@@ -133,6 +150,7 @@ def run(
     console.print(f"  MLflow UI:  mlflow ui --backend-store-uri {uri}")
     console.print("  Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
     console.print("  Registry:   genpipe status")
+    console.print(f"  Logs:       {log_file}")
     if state.is_cancelled():
         console.print(f"[yellow]skipped:[/yellow] {state.message}")
         raise typer.Exit(code=EXIT_SKIPPED)
@@ -165,7 +183,7 @@ def status(
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """One row per registered model: champion version, primary metric, data version, when registered."""
-    from components.registry.models import registry_status
+    from components.registry.store import registry_status
 
     _, uri, client = _tracking(project_dir)
     rows = registry_status(client)
@@ -330,7 +348,7 @@ def sample(
 def _registered(model: str, params: dict, project_dir: Path) -> str:
     """`vae` -> `<current dataset>.vae`; a full registered name is kept as it is."""
     from components.data.raw import DataError, dataset_name
-    from components.registry.models import registered_name
+    from components.registry.store import registered_name
 
     if "." in model:
         return model
@@ -430,16 +448,14 @@ def lineage(
 @app.command("models")
 def list_families() -> None:
     """List the registered model families and their hyper-parameters."""
-    from components.models import hyperparameters, list_models
-    from components.models.registry import model_class
+    from components.catalogue import family_catalogue
 
     table = Table(title="Model families")
     for column in ("name", "kind", "primary metric", "hyper-parameters (defaults)"):
         table.add_column(column)
-    for name in list_models():
-        cls = model_class(name)
-        params = ", ".join(f"{k}={v}" for k, v in hyperparameters(name).items())
-        table.add_row(name, cls.data_kind, cls.primary_metric, params)
+    for family in family_catalogue():
+        params = ", ".join(f"{k}={v}" for k, v in family.hyperparameters.items())
+        table.add_row(family.name, family.data_kind, family.primary_metric, params)
     console.print(table)
 
 

@@ -60,6 +60,8 @@ from components.training.jobs import scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
 from flows.journal import JOURNAL_FILE, Holder, ProjectHeld, RunJournal, holder_of
+from flows.logs import quiet_tool_notices
+from flows.progress import feed
 from flows.registry_turn import RegistryBusy, registry_turn
 
 LOCK_FILE = ".genpipe.lock"
@@ -203,6 +205,7 @@ def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[P
 def train(planned: Plan, inputs: Inputs) -> Trained:
     logger = get_run_logger()
     model = planned.model
+    feed.stage(model, "training")
     data = inputs.data()
     job = train_job(inputs.params, model, data.image_shape)
     client = client_for(inputs.tracking_uri)
@@ -240,7 +243,12 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
         )
         with run.system_metrics(float(inputs.params["tracking"]["system_metrics_interval_s"])):
             outcome = train_model(
-                job, data, inputs.params, project_dir=Path(inputs.project_dir), run_name=planned.ray_run_name
+                job,
+                data,
+                inputs.params,
+                project_dir=Path(inputs.project_dir),
+                run_name=planned.ray_run_name,
+                on_progress=functools.partial(feed.training, model),
             )
         run.log_history(outcome.history)
         run.log_progress_samples(outcome.progress_samples)
@@ -257,6 +265,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
 
 @task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate-{trained.model}")
 def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
+    feed.stage(trained.model, "evaluating")
     run = RunLogger(client_for(inputs.tracking_uri), trained.run_id)
     with run.fail_on_error():
         evaluation = _evaluate(load_model_dir(trained.model_dir), inputs)
@@ -274,6 +283,7 @@ def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
 @task(name="register", cache_policy=NO_CACHE, task_run_name="register-{trained.model}", **TRANSIENT_RETRIES)
 def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
     """Register once: a retry finds the version an earlier attempt created (re-uploading the same files)."""
+    feed.stage(trained.model, "registering")
     client = client_for(inputs.tracking_uri)
     name = inputs.registered_name(trained.model)
     run = RunLogger(client, trained.run_id)
@@ -395,6 +405,8 @@ def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
             final = futures[-1]
             final.wait()
             results.append(final.result() if final.state.is_completed() else _branch_failure(model, futures))
+            done = results[-1]
+            feed.stage(model, "failed" if done.status == "failed" else "done", _outcome(done))
     return results
 
 
@@ -406,6 +418,10 @@ def _log_report(parent: RunLogger, inputs: Inputs) -> None:
         get_run_logger().warning("report page not written (%s: %s)", type(err).__name__, err)
         return
     parent.log_text(page, REPORT_ARTIFACT)
+
+
+def _outcome(result: ModelResult) -> str:
+    return f"{result.status} v{result.version}" if result.version else result.detail
 
 
 @flow(name="genpipe-retrain", log_prints=True)
@@ -423,6 +439,7 @@ def retrain(
     When another live run holds the project or the registry, nothing is done and the flow run ends
     Cancelled, with a message naming that run.
     """
+    quiet_tool_notices()
     project = Path(project_dir).resolve()
     params = load_params(project / "params.yaml", overrides)
     models = list(models or params["train"]["models"])
@@ -432,11 +449,14 @@ def retrain(
     def nothing_done(why: str) -> State:
         message = f"{why}; nothing done"
         logger.warning(message)
+        for model in models:
+            feed.stage(model, "skipped", message)
         return Cancelled(message=message, data=[ModelResult(m, "skipped", message).__dict__ for m in models])
 
     flow_run_id = flow_run.get_id()
     pipeline_id = str(flow_run_id or "local")
     with ExitStack() as held:
+        held.enter_context(feed.logged_unless_watched(logger.info))  # a scheduled run's log
         try:
             held.enter_context(FileLock(project / LOCK_FILE).acquire(timeout=wait_s))
             journal = held.enter_context(RunJournal(project / JOURNAL_FILE, Holder.this_process(flow_run_id)))
@@ -480,6 +500,8 @@ def retrain(
             context="train",
         )
         plans = plan(models, inputs, force, resume)
+        for planned in plans:
+            feed.stage(planned.model, "queued" if planned.action == "train" else "skipped", planned.reason)
         needs_cluster = any(p.action == "train" for p in plans)
         with ray_cluster(ray_address) if needs_cluster else nullcontext():
             results = _run_branches(plans, inputs)

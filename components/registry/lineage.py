@@ -26,8 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from components.models.registry import model_class
-from components.training.jobs import train_settings
+from components.config import train_settings
 
 PACKAGES = ("torch", "ray", "mlflow", "prefect", "dvc", "torchmetrics", "numpy")
 CODE_PACKAGE = "components"
@@ -124,6 +123,9 @@ def code_closure(entry_points: tuple[str, ...] | list[str], root: Path = CODE_RO
 
 def code_fingerprint(model: str, root: Path = CODE_ROOT) -> dict[str, str]:
     """Source hash of every project file that training and evaluating `model` executes, by path."""
+    # Imported here, not above: `genpipe lineage` reads this module's other functions without torch.
+    from components.models.registry import model_class
+
     modules = code_closure([model_class(model).__module__, *SHARED_ENTRY_POINTS], root)
     files = sorted({_module_file(module, root) for module in modules})
     return {

@@ -11,7 +11,6 @@ the candidate's tags.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import tempfile
 from collections.abc import Callable
@@ -26,11 +25,13 @@ from mlflow.tracking import MlflowClient
 from components.evaluation.evaluate import GATE_SPLIT, REPORT_SPLIT, SPLITS, Evaluation
 from components.models import GenerativeModel
 from components.registry.pyfunc import DATA_DIR, TamperedArtifact, verify
+from components.registry.store import CHALLENGER, CHAMPION, DATA_VERSION_TAG, PRIMARY_TAG
+from components.registry.store import alias_version as _alias_version
+from components.registry.store import registered_name as registered_name  # the flow imports it from here
 from components.registry.tracking import SAMPLES_ARTIFACT, experiment_id, ui_artifact_path
 from components.training.trainer import load_model_dir
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-DATA_VERSION_TAG, EXTRACTOR_TAG, PRIMARY_TAG = "data_version", "feature_extractor", "primary_metric"
+EXTRACTOR_TAG = "feature_extractor"
 WEIGHTS_TAG = "weights_sha256"
 EVALUATION_TAG = "evaluation_settings"
 SPLIT_NAMES = {GATE_SPLIT: "validation", REPORT_SPLIT: "test"}
@@ -68,11 +69,6 @@ def metric_info(metric: str) -> MetricInfo:
     if split not in SPLIT_NAMES:
         return MetricInfo(metric)
     return replace(METRICS.get(base, MetricInfo(base)), split=SPLIT_NAMES[split])
-
-
-def registered_name(dataset: str, model: str) -> str:
-    """Registered model name: the dataset and the family, e.g. `digits.vae`."""
-    return f"{dataset}.{model}"
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -193,13 +189,6 @@ class Decision:
     candidate_value: float  # the gate metric on the validation split
     champion_value: float | None
     champion_version: str | None
-
-
-def _alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
 
 
 def _recorded_metrics(version: ModelVersion) -> dict[str, float]:
@@ -467,43 +456,3 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
             + (f"; registered models: {', '.join(sorted(known))}" if known else "; nothing is registered yet")
         )
     return version
-
-
-def registry_status(client: MlflowClient) -> list[dict[str, str]]:
-    """One row per registered model: champion version, its primary metric, data version, when."""
-    rows = []
-    for model in sorted(client.search_registered_models(), key=lambda m: m.name):
-        champion = _alias_version(client, model.name, CHAMPION)
-        if champion is None:
-            rows.append(
-                {
-                    "model": model.name,
-                    "champion": "-",
-                    "metric": "-",
-                    "value": "-",
-                    "data_version": "-",
-                    "registered": "-",
-                }
-            )
-            continue
-        metric = champion.tags.get(PRIMARY_TAG, "")
-        rows.append(
-            {
-                "model": model.name,
-                "champion": str(champion.version),
-                "metric": metric,
-                "value": _shown(champion.tags.get(f"metric.{metric}")),
-                "data_version": champion.tags.get(DATA_VERSION_TAG, "-"),
-                "registered": _timestamp(champion.creation_timestamp),
-            }
-        )
-    return rows
-
-
-def _shown(value: str | None) -> str:
-    """A recorded (unrounded) figure as people read it."""
-    return "-" if value is None else f"{float(value):.6g}"
-
-
-def _timestamp(milliseconds: int) -> str:
-    return dt.datetime.fromtimestamp(milliseconds / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%MZ")

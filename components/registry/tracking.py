@@ -29,6 +29,10 @@ from components.evaluation.evaluate import Evaluation
 from components.evaluation.images import image_grid, save_grid
 from components.registry.pyfunc import write_model_package
 
+# Defined where `genpipe status` reads them without torch; the flow imports them from here too.
+from components.registry.store import client_for as client_for
+from components.registry.store import resolve_tracking_uri as resolve_tracking_uri
+
 MAX_PARAM_LENGTH = 6000
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # MLflow 3.17's UI shows GenAI pages (traces, token usage) or model-training pages (runs, registry)
@@ -41,15 +45,6 @@ PROGRESS_SAMPLES_KEY = "training_samples"  # the image key of the grids drawn du
 
 # The monitor announces itself (and the lack of a GPU) once per model; only its problems matter.
 logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-
-
-def resolve_tracking_uri(configured: str | None = None, workdir: str | Path = ".") -> str:
-    """`configured` (params) > $MLFLOW_TRACKING_URI > a SQLite file in the working directory."""
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(workdir) / 'mlflow.db').resolve()}"
 
 
 def is_server(tracking_uri: str) -> bool:
@@ -65,10 +60,6 @@ def ui_server_command(tracking_uri: str, host: str, port: int, artifacts_dir: Pa
     ]
     # Its job runner (for GenAI jobs genpipe does not use) costs ~40 s of CPU at start-up.
     return command, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
-def client_for(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from components.config import train_settings
 from components.data.prepared import PreparedData
 from components.models import create_model
 from components.models.registry import model_class
 from components.training.ray_train import Scaling, train_on_ray
-from components.training.trainer import TrainJob, TrainOutcome
+from components.training.trainer import TrainJob, TrainOutcome, TrainProgress
 
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the model is not registered."""
-
-
-def train_settings(params: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """`train` with the family's own overrides (`train.per_model.<name>`, e.g. more epochs for a GAN)."""
-    settings = {k: v for k, v in params["train"].items() if k != "per_model"}
-    overrides = (params["train"].get("per_model") or {}).get(model_name) or {}
-    unknown = sorted(set(overrides) - set(settings))
-    if unknown:
-        raise ValueError(f"params.yaml train.per_model.{model_name}: unknown key(s) {', '.join(unknown)}")
-    return {**settings, **overrides}
 
 
 def train_job(params: dict[str, Any], model_name: str, image_shape: tuple[int, int, int]) -> TrainJob:
@@ -58,12 +50,19 @@ def storage_path(params: dict[str, Any], project_dir: Path) -> str:
 
 
 def train_model(
-    job: TrainJob, data: PreparedData, params: dict[str, Any], *, project_dir: Path, run_name: str
+    job: TrainJob,
+    data: PreparedData,
+    params: dict[str, Any],
+    *,
+    project_dir: Path,
+    run_name: str,
+    on_progress: Callable[[TrainProgress], None] | None = None,
 ) -> TrainOutcome:
     """Train on Ray; the final weights land in `<project>/outputs/<run_name>`.
 
     A training split above `train.streaming_threshold_images` streams from its shards; a smaller one
-    is held whole on each worker's device. Raises TrainingDiverged when the loss blew up.
+    is held whole on each worker's device. `on_progress` receives where the training is, about once a
+    second. Raises TrainingDiverged when the loss blew up.
     """
     kind = model_class(job.spec.name).data_kind
     streamed = len(data.train) > int(params["train"]["streaming_threshold_images"])
@@ -75,6 +74,7 @@ def train_model(
         storage_path=storage_path(params, project_dir),
         run_name=run_name,
         output_dir=Path(project_dir) / "outputs" / run_name,
+        on_progress=on_progress,
     )
     if outcome.diverged:
         raise TrainingDiverged(f"model {job.spec.name!r} diverged: {outcome.diverged}")

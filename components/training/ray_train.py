@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,13 +35,21 @@ from ray.train.torch import TorchTrainer
 
 from components.data.shards import ShardedSplit
 from components.training.batches import StreamedBatches, streamed_batches_per_epoch
-from components.training.trainer import TrainJob, TrainOutcome, WorkerContext, read_outcome, run_training
+from components.training.trainer import (
+    TrainJob,
+    TrainOutcome,
+    TrainProgress,
+    WorkerContext,
+    read_outcome,
+    run_training,
+)
 
 # Ray Train V2's controller collects at most one report per worker per poll, one poll every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and `ray.train.report` blocks while the worker's
 # previous report is uncollected: with epochs shorter than that, training mostly waits. Ray forwards
 # the variable from the driver to the controller and the workers.
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
+PROGRESS_POLL_S = 0.5  # how often the driver reads the latest progress of a training
 
 
 def collect_reports_promptly() -> None:
@@ -82,18 +92,38 @@ class Scaling:
         return ScalingConfig(num_workers=self.workers, use_gpu=gpus > 0, resources_per_worker=resources)
 
 
+@ray.remote(num_cpus=0)
+class ProgressInbox:
+    """Holds the latest `TrainProgress` of one training until the driver takes it."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] | None = None
+
+    def post(self, update: dict[str, Any]) -> None:
+        self.latest = update
+
+    def take(self) -> dict[str, Any] | None:
+        update, self.latest = self.latest, None
+        return update
+
+
 class RayContext:
     """`WorkerContext` backed by Ray Train's session of the current worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress_inbox: ray.actor.ActorHandle | None = None) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        self.progress_inbox = progress_inbox
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+    def progress(self, update: TrainProgress) -> None:
+        if self.progress_inbox is not None:
+            self.progress_inbox.post.remote(asdict(update))  # not awaited: training never waits for it
 
     def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
         checkpoint = ray.train.get_checkpoint()
@@ -165,13 +195,43 @@ def _worker_entry(config: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    job, ctx = TrainJob(**config["job"]), RayContext()
+    job, ctx = TrainJob(**config["job"]), RayContext(config.get("progress_inbox"))
     stream = config.get("stream")
     if stream is None:
         train = ray.get(config["train"])
     else:
         train = streamed_batches(ray.train.get_dataset_shard(STREAMED_DATASET), job, stream, ctx)
     run_training(job, train, ray.get(config["val"]), ctx)
+
+
+@contextmanager
+def progress_feed(on_progress: Callable[[TrainProgress], None] | None) -> Iterator[dict[str, Any]]:
+    """Train-loop config entries that make rank 0 post progress; a thread hands it to `on_progress`."""
+    if on_progress is None:
+        yield {}
+        return
+    inbox = ProgressInbox.remote()
+    done = threading.Event()
+
+    def forward() -> None:
+        while True:
+            update = ray.get(inbox.take.remote())
+            if update is not None:
+                on_progress(TrainProgress(**update))
+            if done.wait(PROGRESS_POLL_S):
+                return
+
+    poller = threading.Thread(target=forward, name="ray-train-progress", daemon=True)
+    poller.start()
+    try:
+        yield {"progress_inbox": inbox}
+    finally:
+        done.set()
+        poller.join()
+        final = ray.get(inbox.take.remote())  # posted after the poller's last look
+        if final is not None:
+            on_progress(TrainProgress(**final))
+        ray.kill(inbox)
 
 
 def train_on_ray(
@@ -183,12 +243,14 @@ def train_on_ray(
     storage_path: str | Path,
     run_name: str,
     output_dir: Path,
+    on_progress: Callable[[TrainProgress], None] | None = None,
 ) -> TrainOutcome:
     """Train `job` on the connected Ray cluster and copy the final weights to `output_dir`.
 
     `x_train` whole (uint8 pixels) goes through the object store onto each worker's device; as a
     `ShardedSplit` it streams from its shard files through Ray Data. Re-running with the same
     `storage_path` and `run_name` continues from the run's latest checkpoint instead of starting over.
+    `on_progress` receives rank 0's progress about once a second.
     """
     storage = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
     collect_reports_promptly()
@@ -205,19 +267,20 @@ def train_on_ray(
     else:
         config["train"] = ray.put(x_train)
         data_options = {}
-    trainer = TorchTrainer(
-        _worker_entry,
-        train_loop_config=config,
-        scaling_config=scaling.scaling_config(),
-        **data_options,
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    with progress_feed(on_progress) as progress_config:
+        trainer = TorchTrainer(
+            _worker_entry,
+            train_loop_config={**config, **progress_config},
+            scaling_config=scaling.scaling_config(),
+            **data_options,
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=scaling.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray run {run_name!r} finished without a checkpoint (storage {storage})")
     if output_dir.exists():

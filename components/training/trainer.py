@@ -13,7 +13,8 @@ import json
 import math
 import random
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
 PROGRESS_SAMPLES_FILE = "progress_samples.npz"
 PROGRESS_GRID = 16  # images per progress grid: enough to see them improve, cheap for autoregressive models
+PROGRESS_INTERVAL_S = 1.0  # rank 0 says where it is this often, not every step
 
 
 @dataclass
@@ -74,12 +76,26 @@ class TrainOutcome:
     progress_samples: dict[int, np.ndarray] = field(default_factory=dict)  # epoch -> uint8 N x C x H x W
 
 
+@dataclass
+class TrainProgress:
+    """Where a training is, sent by rank 0 about once a second while it trains."""
+
+    step: int
+    total_steps: int
+    epoch: int  # the epoch in progress, from 1
+    epochs: int
+    loss: float | None  # the last phase's loss at `step`; None before the first step
+    images_per_s: float  # over all workers, since the previous record
+
+
 class WorkerContext(Protocol):
     rank: int
     world_size: int
     device: torch.device
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+    def progress(self, update: TrainProgress) -> None: ...
 
     def restored_checkpoint(self) -> AbstractContextManager[Path | None]: ...
 
@@ -89,9 +105,19 @@ class LocalContext:
 
     rank, world_size = 0, 1
 
-    def __init__(self, output_dir: Path, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        output_dir: Path,
+        device: str | torch.device = "cpu",
+        on_progress: Callable[[TrainProgress], None] | None = None,
+    ):
         self.device = torch.device(device)
         self.output_dir = Path(output_dir)
+        self.on_progress = on_progress
+
+    def progress(self, update: TrainProgress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(update)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -194,6 +220,7 @@ def run_training(
         )
     steps_per_epoch = len(batches)
     diverged = None
+    pacer = _ProgressPacer(ctx, job, steps_per_epoch * job.epochs, step, start_epoch)
 
     for epoch in range(start_epoch, job.epochs):
         model.train()
@@ -222,6 +249,7 @@ def run_training(
                     sums[name] = sums.get(name, 0.0) + value.detach().float()
                     counts[name] = counts.get(name, 0) + 1
             step += 1
+            pacer.step_done(step, epoch, outputs["loss"])
             # One due on the epoch's last batch waits for the epoch's metrics (below): saved here, a
             # resume would find the epoch done but not in the history, and lose its training metrics.
             if job.checkpoint_due(step) and batch_index + 1 < steps_per_epoch:
@@ -245,6 +273,7 @@ def run_training(
         if job.checkpoint_due(step):
             _checkpoint(ctx, model, optimizers, step, epoch + 1, record, progress, metrics)
 
+    pacer.finished(step)
     model.eval()
     if ctx.rank == 0 and diverged is None:
         model.fit_after_training(batches.whole_split())
@@ -258,6 +287,40 @@ def _progress_samples(model: GenerativeModel, x_train: Iterable[Tensor], seed: i
     model.fit_after_training(x_train)  # a fitted sampling prior (an AE's) follows the current codes
     images = model.sample(PROGRESS_GRID, generator=torch.Generator(device=model.device).manual_seed(seed))
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+class _ProgressPacer:
+    """Sends rank 0's `TrainProgress` at most every `PROGRESS_INTERVAL_S`; one clock read per step."""
+
+    def __init__(self, ctx: WorkerContext, job: TrainJob, total_steps: int, step: int, epoch: int):
+        self.ctx, self.job, self.total_steps = ctx, job, total_steps
+        self.epoch, self.loss = epoch, None
+        self.sent_at, self.sent_step = time.monotonic(), step
+        self._send(step)
+
+    def step_done(self, step: int, epoch: int, loss: Tensor) -> None:
+        self.epoch, self.loss = epoch, loss  # a reference: read (one host sync) only when sent
+        if self.ctx.rank == 0 and time.monotonic() - self.sent_at >= PROGRESS_INTERVAL_S:
+            self._send(step)
+
+    def finished(self, step: int) -> None:
+        self._send(step)
+
+    def _send(self, step: int) -> None:
+        if self.ctx.rank != 0:
+            return
+        now = time.monotonic()
+        images = (step - self.sent_step) * self.job.batch_size * self.ctx.world_size
+        update = TrainProgress(
+            step,
+            self.total_steps,
+            min(self.epoch + 1, self.job.epochs),
+            self.job.epochs,
+            None if self.loss is None else float(self.loss.detach()),
+            images / max(now - self.sent_at, 1e-9),
+        )
+        self.ctx.progress(update)
+        self.sent_at, self.sent_step = now, step
 
 
 def _distribute(model: GenerativeModel, ctx: WorkerContext) -> nn.Module:

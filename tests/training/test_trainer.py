@@ -62,3 +62,22 @@ def test_corrupt_weights_are_refused(digits, tmp_path):
     (tmp_path / "m" / "weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="weights.safetensors: cannot load weights"):
         load_model_dir(tmp_path / "m")
+
+
+def test_progress_is_paced_and_ends_at_the_planned_step(digits, tmp_path, monkeypatch):
+    import components.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "PROGRESS_INTERVAL_S", 0.0)  # every step, so pacing shows in the count
+    updates = []
+    job = vae_job(digits, 2)
+    x_val = digits.val.binary.astype(np.float32)
+    run_training(job, digits.train.images, x_val, LocalContext(tmp_path / "a", on_progress=updates.append))
+    planned = 2 * -(-len(digits.train) // 128)
+    assert [u.step for u in updates] == [0, *range(1, planned + 1), planned]
+    assert updates[-1].total_steps == planned and updates[-1].epoch == 2 and updates[-1].loss > 0
+    assert all(u.images_per_s > 0 for u in updates[1:-1])
+
+    monkeypatch.setattr(trainer, "PROGRESS_INTERVAL_S", 3600.0)
+    updates.clear()
+    run_training(job, digits.train.images, x_val, LocalContext(tmp_path / "b", on_progress=updates.append))
+    assert [u.step for u in updates] == [0, planned]  # the first and the last, nothing between

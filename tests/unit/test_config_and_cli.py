@@ -29,6 +29,20 @@ def test_overrides_apply_and_unknown_keys_are_named(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+def test_a_value_given_for_one_run_wins_over_the_familys_own_setting():
+    from components.config import train_settings
+    from components.training.jobs import train_job
+
+    file_only = load_params(ROOT / "params.yaml")
+    assert file_only["train"]["per_model"]["gan"]["epochs"] > 1, "the file gives gan its own epochs"
+    params = load_params(ROOT / "params.yaml", {"train": {"epochs": 1}})
+    assert train_job(params, "gan", (1, 8, 8)).epochs == 1
+    assert train_settings(params, "fvsbn")["lr"] == file_only["train"]["per_model"]["fvsbn"]["lr"]
+    # A per-family value given for the run itself still applies to that family only.
+    params = load_params(ROOT / "params.yaml", {"train": {"epochs": 1, "per_model": {"gan": {"epochs": 2}}}})
+    assert (train_settings(params, "gan")["epochs"], train_settings(params, "vae")["epochs"]) == (2, 1)
+
+
 @pytest.mark.parametrize(
     "command", [[], ["run"], ["schedule"], ["status"], ["sample"], ["models"], ["data", "import"]]
 )
@@ -74,3 +88,34 @@ def test_the_cli_turns_usage_reports_off_unless_the_user_chose():
         check=True,
     )
     assert chosen.stdout.split() == ["1", "true"]
+
+
+def test_the_static_family_catalogue_matches_the_families_classes():
+    from components.catalogue import family_catalogue
+    from components.models import hyperparameters, list_models
+    from components.models.registry import model_class
+
+    catalogue = {entry.name: entry for entry in family_catalogue()}
+    assert sorted(catalogue) == list_models()
+    for name, entry in catalogue.items():
+        cls = model_class(name)
+        assert (entry.data_kind, entry.primary_metric) == (cls.data_kind, cls.primary_metric), name
+        assert entry.hyperparameters == hyperparameters(name), name
+
+
+def test_read_only_commands_import_neither_torch_nor_ray_nor_prefect(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    show = (
+        "import sys; from flows.cli import app\n"
+        "for command in (['--help'], ['models'], ['status', '-C', sys.argv[1]]):\n"
+        "    try:\n"
+        "        app(command)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('loaded:', *sorted({'torch', 'ray', 'prefect'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", show, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert "Model families" in result.stdout and "Nothing registered yet" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "loaded:"
