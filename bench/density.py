@@ -32,7 +32,7 @@ from common import data_arguments, load_data, machine, write_results
 
 from components.data.prepared import PreparedData
 from components.models import DensityModel, LatentVariableModel, bits_per_dim, create_model
-from components.models.autoregressive import AutoregressiveBernoulli
+from components.models.autoregressive import AutoregressiveImageModel
 from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training
 
 RESULTS = Path(__file__).with_name("RESULTS-density.md")
@@ -106,16 +106,16 @@ def context_seen(model, max_pixels: int = 64) -> float | None:
     connectivity, measured for its first mask); the PixelCNN's blind spot, the Row LSTM's triangular
     receptive field and the Diagonal BiLSTM's one missed pixel per row show up as less.
     """
-    if not isinstance(model, AutoregressiveBernoulli):
+    if not isinstance(model, AutoregressiveImageModel):
         return None
     x = torch.randn(32, *model.image_shape, requires_grad=True)  # several inputs: a dead ReLU is not a mask
-    logits = model.logits(x).flatten(1)
-    d = model.num_dims
-    pixels = torch.linspace(1, d - 1, min(d - 1, max_pixels)).round().long().unique().tolist()
+    outputs = model.params(x).sum(-1).flatten(1)
+    d, order = model.num_dims, model.ordering()
+    positions = torch.linspace(1, d - 1, min(d - 1, max_pixels)).round().long().unique().tolist()
     shares = []
-    for i in pixels:
-        (grad,) = torch.autograd.grad(logits[:, i].sum(), x, retain_graph=True)
-        shares.append((grad.flatten(1)[:, :i] != 0).any(0).double().mean().item())
+    for k in positions:  # the k-th sub-pixel in the model's order, against the k before it
+        (grad,) = torch.autograd.grad(outputs[:, order[k]].sum(), x, retain_graph=True)
+        shares.append((grad.flatten(1)[:, order[:k]] != 0).any(0).double().mean().item())
     return sum(shares) / len(shares)
 
 

@@ -315,7 +315,8 @@ def list_families() -> None:
     for name in list_models():
         cls = model_class(name)
         params = ", ".join(f"{k}={v}" for k, v in hyperparameters(name).items())
-        table.add_row(name, cls.data_kind, cls.primary_metric, params)
+        kinds = dict.fromkeys(cls.data_kind_for((c, 8, 8), {}) for c in (1, 3))  # one or by channels
+        table.add_row(name, " / ".join(kinds), cls.primary_metric, params)
     console.print(table)
 
 

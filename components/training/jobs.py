@@ -64,7 +64,7 @@ def train_model(
 
     Raises TrainingDiverged when the loss blew up.
     """
-    kind = model_class(job.spec.name).data_kind
+    kind = model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams)
     outcome = train_on_ray(
         job,
         data.train.images,
