@@ -28,7 +28,9 @@ FAMILIES = ("fvsbn", "nade", "made", "pixelcnn", "pixelrnn")
 TINY = [
     pytest.param("fvsbn", {}, id="fvsbn"),
     pytest.param("nade", {"hidden": 8}, id="nade"),
+    pytest.param("nade", {"hidden": 8, "activation": "sigmoid"}, id="nade-sigmoid"),
     pytest.param("made", {"hidden": 24, "num_layers": 2}, id="made"),
+    pytest.param("made", {"hidden": 24, "num_layers": 2, "random_order": False}, id="made-raster"),
     pytest.param("made", {"hidden": 24, "num_layers": 2, "num_masks": 3}, id="made-3-masks"),
     pytest.param("pixelcnn", {"channels": 8, "num_blocks": 2, "gated": False}, id="pixelcnn"),
     pytest.param("pixelcnn", {"channels": 8, "num_blocks": 2, "gated": True}, id="pixelcnn-gated"),
@@ -242,6 +244,15 @@ def test_the_samplers_step_by_step_params_equal_the_one_pass_params(name, hparam
             x[rows, index] = images[rows, index]
             steps += 1
     assert steps == d
+
+
+def test_made_draws_its_first_ordering_at_random_unless_told_to_use_the_raster_order():
+    default, again = create_model("made", (1, 4, 4)), create_model("made", (1, 4, 4))
+    raster = create_model("made", (1, 4, 4), random_order=False)
+    assert sorted(default.ordering().tolist()) == list(range(16))
+    assert not torch.equal(default.ordering(), torch.arange(16))
+    assert torch.equal(default.ordering(), again.ordering()), "the ordering follows mask_seed alone"
+    assert torch.equal(raster.ordering(), torch.arange(16))
 
 
 def test_made_trains_one_random_mask_per_batch_and_evaluates_the_ensemble():
