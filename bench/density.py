@@ -11,6 +11,8 @@ on the training split (no dependencies at all), and a mixture with one component
     .venv/bin/python bench/density.py                      # digits, 3 seeds: ~3 minutes on 2 CPU cores
     .venv/bin/python bench/density.py --variants           # also gated PixelCNN, Diagonal BiLSTM, MADE x8
     .venv/bin/python bench/density.py --data path/to/mnist --max-images 12000 --epochs 5
+    .venv/bin/python bench/density.py --upsample 28 --epochs 10   # a 1x28x28 binarised case
+    .venv/bin/python bench/density.py --pixels 8bit --data path/to/rgb   # 8-bit form, 256 levels
 """
 
 from __future__ import annotations
@@ -79,6 +81,23 @@ def test_nll(model, x: torch.Tensor) -> tuple[float, bool]:
         chunks = [model.importance_weighted_bound(chunk, IMPORTANCE_SAMPLES) for chunk in x.split(EVAL_BATCH)]
         return -torch.cat(chunks).mean().item(), True
     raise TypeError(f"{type(model).__name__} has neither a likelihood nor a bound")
+
+
+def reference_nlls_8bit(data: PreparedData, levels: int = 256) -> dict[str, float]:
+    """NLL of two non-learned references for 8-bit data: per-sub-pixel level frequencies and uniform."""
+
+    def level(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images).flatten(1).mul(levels - 1).round().long()
+
+    train, test = level(data.train.images), level(data.test.images)
+    counts = torch.ones(train.shape[1], levels, dtype=torch.float64)  # add-one: no level costs infinity
+    counts.scatter_add_(1, train.T, torch.ones_like(train.T, dtype=torch.float64))
+    log_freq = (counts / counts.sum(1, keepdim=True)).log()
+    independent = log_freq.gather(1, test.T).sum(0)
+    return {
+        "independent sub-pixels (train level frequencies)": -independent.mean().item(),
+        "uniform over the levels": train.shape[1] * math.log(levels),
+    }
 
 
 def reference_nlls(data: PreparedData) -> dict[str, float]:
@@ -158,10 +177,11 @@ def run_one(name: str, hparams: dict, data: PreparedData, args, seed: int, out: 
         checkpoint_every_steps=0,
     )
     start = time.perf_counter()
-    run_training(job, data.train.images, data.val.binary.astype(np.float32), LocalContext(out))
+    kind = create_model(name, data.image_shape, **hparams).data_kind
+    run_training(job, data.train.images, data.val.for_kind(kind), LocalContext(out))
     train_seconds = time.perf_counter() - start
     model = load_model_dir(out)
-    nll, bound = test_nll(model, torch.from_numpy(data.test.binary.astype(np.float32)))
+    nll, bound = test_nll(model, torch.from_numpy(data.test.for_kind(kind)))
     start = time.perf_counter()
     model.sample(64, generator=torch.Generator().manual_seed(0))
     return {
@@ -224,6 +244,12 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="also gated PixelCNN, Diagonal BiLSTM, MADE x8"
     )
+    parser.add_argument(
+        "--pixels",
+        choices=("binary", "8bit"),
+        default="binary",
+        help="what the models model (8bit: 256 levels)",
+    )
     parser.add_argument("--upsample", type=int, help="resize the images to this size (e.g. 28)")
     parser.add_argument("--only", nargs="+", help="run only the models with these labels")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS-density.md alone")
@@ -235,30 +261,36 @@ def main() -> None:
         data = load_data(args.data, args.max_images, work)
         if args.upsample:
             data = upsampled(data, args.upsample)
-        if data.image_shape[0] != 1:
+        if data.image_shape[0] != 1 and args.pixels == "binary":
             raise SystemExit(
-                f"{args.data}: the likelihood families model 1-channel images, found {data.image_shape}"
+                f"{args.data}: binary likelihood models need 1-channel images, found {data.image_shape}; "
+                "use --pixels 8bit for colour images"
             )
         dims = math.prod(data.image_shape)
         # One untimed epoch first, so the first timed model does not pay for one-time initialisation.
         warm_up = argparse.Namespace(**{**vars(args), "epochs": 1})
-        run_one("fvsbn", {}, data, warm_up, args.seed, work / "warm-up")
+        run_one("fvsbn", {"pixels": args.pixels}, data, warm_up, args.seed, work / "warm-up")
         rows = []
         for label, name, hparams in MODELS + (VARIANTS if args.variants else []):
             if args.only and label not in args.only:
                 continue
-            rows.append(run_model(label, name, hparams, data, args, work))
+            rows.append(run_model(label, name, {**hparams, "pixels": args.pixels}, data, args, work))
             print(f"{label}: {rows[-1]}", flush=True)
-    references = reference_nlls(data)
+    references = reference_nlls(data) if args.pixels == "binary" else reference_nlls_8bit(data)
     reference_lines = "\n".join(
         f"| {name} | {nll:.2f} | {bits_per_dim(nll, dims):.4f} |" for name, nll in references.items()
     )
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/density.py", *sys.argv[1:]])
     c, h, w = data.image_shape
+    seen = (
+        "trained with dynamic binarisation, scored on the fixed binarised test split"
+        if args.pixels == "binary"
+        else "8-bit form: every sub-pixel one of 256 levels, trained and scored on the images themselves"
+    )
     report = f"""# Likelihood families: test NLL and speed
 
 Dataset: {data.name} ({c}x{h}x{w}; {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images;
-trained with dynamic binarisation, scored on the fixed binarised test split).
+{seen}).
 Budget, the same for every model: {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr};
 {args.seeds} training seed(s) from {args.seed} (NLL: mean ± standard deviation over seeds; the rest: means).
 "Context seen": mean over pixels i of the share of pixels before i that can change the logit of pixel i.
