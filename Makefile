@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run test test-fast lint format bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ TEST_PROCESSES ?= 2
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=15
+
+# The inner loop while developing: lint plus every test that starts no server and no Ray (models, the
+# trainer in-process, data and DVC, the registry on SQLite). CI runs the whole suite (`make test`).
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not integration" --durations=5
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -32,6 +32,9 @@ app.add_typer(data_app, name="data")
 # Rich assumes 80 columns when output is not a terminal; logs and CI have room for wider tables.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
+# sysexits' EX_TEMPFAIL: nothing was done because another run was busy; trying again later may work.
+EXIT_SKIPPED = 75
+
 ProjectDir = Annotated[Path, typer.Option("--project-dir", "-C", help="Project directory with params.yaml.")]
 
 
@@ -75,9 +78,11 @@ def run(
     ] = None,
     project_dir: ProjectDir = Path("."),
 ) -> None:
-    """Run the retraining flow once: prepare, plan, train, evaluate, register, promote."""
-    from prefect.task_runners import ThreadPoolTaskRunner
+    """Run the retraining flow once: prepare, plan, train, evaluate, register, promote.
 
+    Exits 1 when a model failed, and EXIT_SKIPPED when another live run held the project or the
+    registry, so that nothing was done.
+    """
     from components.config import ConfigError, load_params
     from flows.retrain import retrain
 
@@ -92,15 +97,12 @@ def run(
         "registry": {"production_registry_uri": production_registry_uri},
     }
     try:
-        params = load_params(project_dir / "params.yaml", overrides)
+        load_params(project_dir / "params.yaml", overrides)
     except ConfigError as err:
         raise _fail(str(err)) from err
-    flow = retrain.with_options(
-        task_runner=ThreadPoolTaskRunner(max_workers=int(params["train"]["max_concurrent_models"]))
-    )
     started = time.monotonic()
     with console.status("[bold]genpipe: retraining (Prefect logs below)..."):
-        state = flow(
+        state = retrain(
             project_dir=str(project_dir),
             models=_csv(models),
             overrides=overrides,
@@ -127,6 +129,9 @@ def run(
     console.print(f"  MLflow UI:  mlflow ui --backend-store-uri {uri}")
     console.print("  Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
     console.print("  Registry:   genpipe status")
+    if state.is_cancelled():
+        console.print(f"[yellow]skipped:[/yellow] {state.message}")
+        raise typer.Exit(code=EXIT_SKIPPED)
     if state.is_failed():
         raise _fail(state.message or "some models failed")
 
@@ -336,6 +341,32 @@ def import_data(
 
     try:
         dataset = import_dataset(path, project_dir, fmt=fmt, name=name)
+    except (DataError, DvcError) as err:
+        raise _fail(str(err)) from err
+    console.print(commit_hint(dataset))
+
+
+@data_app.command("builtin")
+def builtin_data(
+    name: Annotated[str, typer.Argument(help="shapes (rendered colour shapes, labelled) or digits.")],
+    size: Annotated[int | None, typer.Option(help="shapes: number of images (default 10000).")] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="shapes: side in pixels, 16 to 256 (default 32).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="shapes: the same seed gives the same bytes.")] = 0,
+    grey: Annotated[bool, typer.Option("--grey", help="shapes: one grey channel instead of RGB.")] = False,
+    project_dir: ProjectDir = Path("."),
+) -> None:
+    """Replace data/raw with a built-in dataset, generated here, and track it with DVC."""
+    from components.data.importers import builtin_dataset, check_project, commit_hint, install_dataset
+    from components.data.raw import DataError
+    from components.data.versioning import DvcError
+
+    try:
+        check_project(project_dir)
+        dataset = install_dataset(
+            builtin_dataset(name, size=size, resolution=resolution, seed=seed, grey=grey), project_dir
+        )
     except (DataError, DvcError) as err:
         raise _fail(str(err)) from err
     console.print(commit_hint(dataset))

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components.config import load_params
@@ -46,16 +46,14 @@ from components.registry.models import (
     version_with_tag,
 )
 from components.registry.tracking import RunLogger, client_for, resolve_tracking_uri
-from components.training.jobs import RunLedger, scaling, train_job, train_model
+from components.training.jobs import scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
-from flows.open_runs import OpenRuns
-from flows.registry_turn import registry_turn
+from flows.journal import JOURNAL_FILE, Holder, ProjectHeld, RunJournal, holder_of
+from flows.registry_turn import RegistryBusy, registry_turn
 
 LOCK_FILE = ".genpipe.lock"
 TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 3}
-REGISTRY_LEASE_RECORD = "outputs/registry-turn.lease"
-OPEN_RUNS_RECORD = "outputs/open-runs.jsonl"
 
 
 @functools.lru_cache(maxsize=2)
@@ -74,7 +72,7 @@ class Inputs:
     tracking_uri: str
     parent_run_id: str
     pipeline_id: str
-    open_runs: OpenRuns
+    journal: RunJournal
 
     def data(self) -> PreparedData:
         return _prepared(Path(self.project_dir) / self.params["data"]["prepared_dir"], self.data_version)
@@ -135,10 +133,9 @@ def prepare_data(project_dir: str, raw_dir: str, data_rev: str | None) -> str:
     logger = get_run_logger()
     repo = Path(project_dir)
     logger.info(ensure_data(repo, Path(raw_dir)))
-    with data_at_revision(repo, data_rev):
-        for line in reproduce(repo).splitlines():
-            if line.strip():
-                logger.info("dvc: %s", line)
+    for line in reproduce(repo).splitlines():
+        if line.strip():
+            logger.info("dvc: %s", line)
     version = data_version(repo)
     logger.info("data version %s%s", version, f" (data.dvc at {data_rev})" if data_rev else "")
     return version
@@ -149,7 +146,6 @@ def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[P
     """Decide, per model, whether its inputs changed since its last registered version."""
     logger = get_run_logger()
     client = client_for(inputs.tracking_uri)
-    ledger = RunLedger(Path(inputs.project_dir))
     plans = []
     for model in models:
         try:
@@ -180,7 +176,7 @@ def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[P
                 current = model_inputs(inputs.params, model, inputs.data_version)
                 changed = changed_inputs(json.loads(latest.tags.get("inputs", "{}")), current)
                 why = f"changed since v{latest.version}: {', '.join(changed) or 'unknown'}"
-            run_name = ledger.ray_run_name(model, fingerprint, inputs.pipeline_id, resume)
+            run_name = inputs.journal.ray_run_name(model, fingerprint, resume)
             plans.append(Plan(model, "train", why, fingerprint, run_name))
         logger.info("%s: %s (%s)", model, plans[-1].action, plans[-1].reason)
     return plans
@@ -208,7 +204,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             "ray_run": planned.ray_run_name,
         },
     )
-    inputs.open_runs.add_mlflow_run(inputs.tracking_uri, run.run_id)
+    inputs.journal.record_mlflow_run(inputs.tracking_uri, run.run_id)
     with run.fail_on_error():
         run.log_params({"model": job.model, "train": inputs.params["train"], "seed": job.seed})
         run.log_dataset(
@@ -293,7 +289,7 @@ def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
                 "package_versions": json.dumps(package_versions(), sort_keys=True),
             },
         )
-    RunLedger(Path(inputs.project_dir)).finished(trained.model, trained.fingerprint)
+    inputs.journal.registered(trained.model, trained.fingerprint)
     get_run_logger().info("registered %s version %s as challenger", name, version.version)
     return str(version.version)
 
@@ -349,25 +345,41 @@ def _branch_failure(model: str, futures: list[PrefectFuture]) -> ModelResult:
     return ModelResult(model, "failed", "an upstream step did not complete")
 
 
+def branch_runner(params: dict[str, Any]) -> ThreadPoolTaskRunner:
+    """The task runner of the model branches: `train.max_concurrent_models` train at the same time.
+
+    Made from the run's own params inside the flow, so every entry point (the CLI, a deployment, a
+    direct call of the flow) keeps the limit.
+    """
+    return ThreadPoolTaskRunner(max_workers=int(params["train"]["max_concurrent_models"]))
+
+
 def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
     # Submitted stage by stage: a waiting downstream task holds a worker thread, so queueing every
     # training first lets `max_concurrent_models` trainings run while later stages wait their turn.
-    branches = {p.model: [train.submit(p, inputs)] for p in plans if p.action == "train"}
-    for futures in branches.values():
-        futures.append(evaluate.submit(futures[0], inputs))
-    for futures in branches.values():
-        futures.append(register.submit(futures[0], futures[1], inputs))
-    for futures in branches.values():
-        futures.append(promote.submit(futures[0], futures[2], futures[1], inputs))
-    results = [ModelResult(p.model, "skipped", p.reason) for p in plans if p.action == "skip"]
-    for model, futures in branches.items():
-        final = futures[-1]
-        final.wait()
-        results.append(final.result() if final.state.is_completed() else _branch_failure(model, futures))
+    with branch_runner(inputs.params) as runner:
+
+        def submit(step, **parameters: Any) -> PrefectFuture:
+            return runner.submit(step, parameters)
+
+        branches = {p.model: [submit(train, planned=p, inputs=inputs)] for p in plans if p.action == "train"}
+        for futures in branches.values():
+            futures.append(submit(evaluate, trained=futures[0], inputs=inputs))
+        for futures in branches.values():
+            futures.append(submit(register, trained=futures[0], evaluation=futures[1], inputs=inputs))
+        for futures in branches.values():
+            futures.append(
+                submit(promote, trained=futures[0], version=futures[2], evaluation=futures[1], inputs=inputs)
+            )
+        results = [ModelResult(p.model, "skipped", p.reason) for p in plans if p.action == "skip"]
+        for model, futures in branches.items():
+            final = futures[-1]
+            final.wait()
+            results.append(final.result() if final.state.is_completed() else _branch_failure(model, futures))
     return results
 
 
-@flow(name="genpipe-retrain", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(name="genpipe-retrain", log_prints=True)
 def retrain(
     project_dir: str = ".",
     models: list[str] | None = None,
@@ -377,39 +389,48 @@ def retrain(
     resume: bool = False,
     data_rev: str | None = None,
 ):
-    """Retrain the models of params.yaml (or `models`) whose inputs changed, on the current data."""
+    """Retrain the models of params.yaml (or `models`) whose inputs changed, on the current data.
+
+    When another live run holds the project or the registry, nothing is done and the flow run ends
+    Cancelled, with a message naming that run.
+    """
     project = Path(project_dir).resolve()
     params = load_params(project / "params.yaml", overrides)
     models = list(models or params["train"]["models"])
     logger = get_run_logger()
     wait_s = float(params["train"]["lock_timeout_s"])
 
-    def nothing_done(why: str) -> Completed:
+    def nothing_done(why: str) -> State:
         message = f"{why}; nothing done"
         logger.warning(message)
-        return Completed(message=message, data=[ModelResult(m, "skipped", message).__dict__ for m in models])
+        return Cancelled(message=message, data=[ModelResult(m, "skipped", message).__dict__ for m in models])
 
+    flow_run_id = flow_run.get_id()
+    pipeline_id = str(flow_run_id or "local")
     with ExitStack() as held:
         try:
             held.enter_context(FileLock(project / LOCK_FILE).acquire(timeout=wait_s))
+            journal = held.enter_context(RunJournal(project / JOURNAL_FILE, Holder.this_process(flow_run_id)))
         except Timeout:
-            return nothing_done(f"another genpipe run holds {project / LOCK_FILE}")
+            holder = holder_of(project / JOURNAL_FILE)
+            return nothing_done(f"another genpipe run holds {project} ({holder or 'it did not say who'})")
+        except ProjectHeld as held_by:
+            return nothing_done(f"another genpipe run holds {project} ({held_by.holder})")
+        held.enter_context(data_at_revision(project, data_rev))
         version = prepare_data(str(project), params["data"]["raw_dir"], data_rev)
         tracking_uri = resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project)
         try:
-            held.enter_context(registry_turn(tracking_uri, wait_s, project / REGISTRY_LEASE_RECORD))
-        except TimeoutError:
-            return nothing_done(f"another genpipe run is writing to the registry at {tracking_uri}")
-        flow_run_id = flow_run.get_id()
-        pipeline_id = str(flow_run_id or "local")
-        open_runs = held.enter_context(OpenRuns(project / OPEN_RUNS_RECORD, flow_run_id))
+            lease_id = held.enter_context(registry_turn(tracking_uri, wait_s, journal.holder))
+        except RegistryBusy as busy:
+            return nothing_done(f"another genpipe run is writing to the registry at {tracking_uri}: {busy}")
+        journal.record_registry_lease(lease_id)
         parent = RunLogger.start(
             client_for(tracking_uri),
             params["tracking"]["experiment"],
             f"retrain-{pipeline_id[:8]}",
             tags={"prefect_flow_run_id": pipeline_id, "data_version": version},
         )
-        open_runs.add_mlflow_run(tracking_uri, parent.run_id)
+        journal.record_mlflow_run(tracking_uri, parent.run_id)
         parent.log_params(
             {
                 "models": ",".join(models),
@@ -419,7 +440,7 @@ def retrain(
                 "data_rev": data_rev,
             }
         )
-        inputs = Inputs(str(project), params, version, tracking_uri, parent.run_id, pipeline_id, open_runs)
+        inputs = Inputs(str(project), params, version, tracking_uri, parent.run_id, pipeline_id, journal)
         # Logged here first, serially: model runs logging the same new dataset concurrently would race
         # to insert it into MLflow's dataset table.
         parent.log_dataset(

@@ -1,11 +1,16 @@
-"""Shared, real infrastructure for the tests: one Ray instance and one Prefect server per session, an
-MLflow server process per module that asks for one.
+"""Shared, real infrastructure for the tests: one Prefect server for the whole run (shared by the
+pytest-xdist processes), one Ray instance per test process, an MLflow server process per module that
+asks for one, and one prepared project (data tracked, `dvc repro` done) that tests copy.
 
-Each takes 10-20 s to start, so the integration tests share them. Nothing here is mocked.
+Each takes 10-30 s of CPU to start, so the integration tests share them. Nothing here is mocked.
+
+Lanes: tests that start Ray or a server are marked `integration` here, from the fixtures they use
+(and everything under tests/integration/); `make test-fast` runs the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from filelock import FileLock
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("params.yaml", "dvc.yaml")
@@ -25,6 +31,35 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+SERVER_FIXTURES = {"ray_instance", "prefect_server", "mlflow_server"}
+SHARED_PROCESSES = "shared-processes"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that starts Ray or a server `integration`, so the fast lane can leave it out."""
+    for item in items:
+        in_integration = "integration" in Path(item.fspath).parts
+        if in_integration or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def run_wide_dir(tmp_path_factory) -> Path:
+    """A directory shared by every process of this pytest run: the xdist controller's base temp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def pytest_sessionfinish(session):
+    """The controller (or the only process) stops the processes the test processes shared."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    record = factory.getbasetemp() / SHARED_PROCESSES if factory else None
+    if record is None or not record.is_dir():
+        return
+    for pid_file in record.glob("*.pid"):
+        stop_process_group(int(pid_file.read_text()))
 
 
 @pytest.fixture(scope="session")
@@ -96,39 +131,76 @@ def serve(command: list[str], log: Path, health_url: str, what: str, env: dict[s
             raise RuntimeError(f"{err}; exit code {process.poll()}; log:\n{log.read_text()[-3000:]}") from err
         yield
     finally:
-        os.killpg(process.pid, 15)
+        stop_process_group(process.pid)
+
+
+def stop_process_group(pid: int) -> None:
+    """SIGTERM a server's process group, SIGKILL it if it has not ended within 30 s."""
+    try:
+        os.killpg(pid, 15)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, 9)
+
+
+def start_shared_server(
+    shared: Path, name: str, command: list[str], health_url: str, env: dict[str, str]
+) -> None:
+    """Start a server that outlives this test process (the controller stops it at the end)."""
+    log = shared / f"{name}.log"
+    process = subprocess.Popen(
+        command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    record = shared / SHARED_PROCESSES
+    record.mkdir(exist_ok=True)
+    (record / f"{name}.pid").write_text(str(process.pid))
+    try:
+        wait_until(lambda: process.poll() is None and http_ok(health_url), 120, name)
+    except TimeoutError as err:
+        raise RuntimeError(f"{err}; exit code {process.poll()}; log:\n{log.read_text()[-3000:]}") from err
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """Prefect's own server (`prefect server start`: API, SQLite, and its services, the scheduler
-    included), shared by the session; the test process talks to it through PREFECT_API_URL."""
+    included), one for the whole run: the first test process that needs it starts it, the others find
+    its address in a file. Each process talks to it through PREFECT_API_URL."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_UI_ENABLED": "false",
-        # Deployments created by a test get their scheduled runs within seconds rather than a minute.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
-        # Leases of killed runs (concurrency slots) are reclaimed soon after they expire.
-        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
-    }
-    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with (
-        serve(command, home / "server.log", f"{url}/health", "prefect server", env),
-        temporary_settings(updates={PREFECT_API_URL: url}),
-    ):
+    shared = run_wide_dir(tmp_path_factory)
+    address = shared / "prefect-server.url"
+    with FileLock(shared / "prefect-server.lock"):
+        if not address.is_file():
+            home = shared / "prefect-server"
+            home.mkdir()
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/api"
+            env = {
+                **os.environ,
+                "PREFECT_HOME": str(home),
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+                "PREFECT_UI_ENABLED": "false",
+                # Deployments created by a test get their scheduled runs within seconds, not a minute.
+                "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+                "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
+                # Leases of killed runs (concurrency slots) are reclaimed soon after they expire.
+                "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
+            }
+            command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+            start_shared_server(shared, "prefect-server", command, f"{url}/health", env)
+            address.write_text(url)
+        url = address.read_text()
+    with temporary_settings(updates={PREFECT_API_URL: url}):
         yield url
 
 
@@ -174,15 +246,40 @@ def make_project(directory: Path) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def prepared_template(tmp_path_factory) -> Path:
+    """One project as its first `genpipe run` prepares it (built-in data written and tracked, `dvc repro`
+    done: splits and the featurizer), made once for the whole run; tests copy it."""
+    from components.config import load_params
+    from components.data.versioning import ensure_data, reproduce
+
+    shared = run_wide_dir(tmp_path_factory)
+    template = shared / "prepared-template"
+    with FileLock(shared / "prepared-template.lock"):
+        if not (template / "dvc.lock").is_file():
+            shutil.rmtree(template, ignore_errors=True)
+            make_project(template)
+            ensure_data(template, Path(load_params(template / "params.yaml")["data"]["raw_dir"]))
+            reproduce(template)
+    return template
+
+
+def copy_project(template: Path, directory: Path) -> Path:
+    """A copy of `template` (git history, DVC cache and outputs included) at `directory`."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(template, directory, symlinks=True)
+    return directory
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
 
 
 @pytest.fixture(scope="session")
-def project_factory():
-    """`make_project` for fixtures of wider scope than `project`."""
-    return make_project
+def project_factory(prepared_template):
+    """Prepared projects (a copy of `prepared_template`) for fixtures of any scope."""
+    return lambda directory: copy_project(prepared_template, Path(directory))
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,13 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from components.data.raw import DataError, RawDataset, write_raw
+from components.data.raw import DataError, RawDataset, builtin_digits, write_raw
+from components.data.shapes import render_shapes
 from components.data.versioning import DATA_DIR, DATA_FILE, DvcError, track_data
 
 FORMATS = ("idx", "npz", "images")
+BUILTINS = ("shapes", "digits")
+SHAPES_SIZE, SHAPES_RESOLUTION = 10_000, 32  # `genpipe data builtin shapes` without options
 RAW_SUBDIR = "raw"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -62,10 +65,23 @@ def import_dataset(path: Path, repo: Path, fmt: str | None = None, name: str | N
 
     On any failure `data/raw` and `data.dvc` are restored byte for byte and the error is raised.
     """
-    repo = Path(repo)
-    if not (repo / ".dvc").is_dir():
+    check_project(repo)
+    return install_dataset(read_dataset(path, fmt, name), repo)
+
+
+def check_project(repo: Path) -> None:
+    """Raise DvcError unless `repo` is a DVC project (checked before any data is read or rendered)."""
+    if not (Path(repo) / ".dvc").is_dir():
         raise DvcError(f"{repo}: not a DVC project (no .dvc/ folder); run it from the genpipe project root")
-    dataset = read_dataset(path, fmt, name)
+
+
+def install_dataset(dataset: RawDataset, repo: Path) -> RawDataset:
+    """Replace `data/raw` of the DVC project `repo` with `dataset` and track it in `data.dvc`.
+
+    On any failure `data/raw` and `data.dvc` are restored byte for byte and the error is raised.
+    """
+    repo = Path(repo)
+    check_project(repo)
     raw_dir, data_file = repo / DATA_DIR / RAW_SUBDIR, repo / DATA_FILE
     old_data_file = data_file.read_bytes() if data_file.exists() else None
     # Inside .dvc/tmp (git-ignored, same filesystem as data/) so the old data can be renamed back, not copied.
@@ -90,6 +106,30 @@ def import_dataset(path: Path, repo: Path, fmt: str | None = None, name: str | N
     finally:
         shutil.rmtree(backup, ignore_errors=True)
     return dataset
+
+
+def builtin_dataset(
+    name: str, *, size: int | None = None, resolution: int | None = None, seed: int = 0, grey: bool = False
+) -> RawDataset:
+    """A built-in dataset by name: `shapes` (rendered, any size and resolution) or `digits` (fixed)."""
+    if name == "shapes":
+        return render_shapes(
+            SHAPES_SIZE if size is None else size,
+            SHAPES_RESOLUTION if resolution is None else resolution,
+            seed,
+            channels=1 if grey else 3,
+        )
+    if name == "digits":
+        given = [
+            option for option, value in (("--size", size), ("--resolution", resolution)) if value is not None
+        ]
+        if given or grey or seed:
+            given += ["--grey"] * grey + ["--seed"] * bool(seed)
+            raise DataError(
+                f"digits: {', '.join(given)} not accepted; the digits are a fixed set of 1,797 8x8 images"
+            )
+        return builtin_digits()
+    raise DataError(f"unknown built-in dataset {name!r}; expected one of {', '.join(BUILTINS)}")
 
 
 def commit_hint(dataset: RawDataset) -> str:

@@ -6,6 +6,7 @@ current interpreter's scripts first on PATH so stage commands (`python -m ...`) 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from components.data.raw import RawDataset, builtin_digits, write_raw
 
 DATA_DIR = "data"
 DATA_FILE = "data.dvc"
+LOCK_FILE = "dvc.lock"
 
 
 class DvcError(RuntimeError):
@@ -112,14 +114,15 @@ def git_revision(repo: Path) -> tuple[str, bool]:
 def data_at_revision(repo: Path, revision: str | None) -> Iterator[None]:
     """Within the block, `data/` holds the data that `data.dvc` tracked at git `revision`.
 
-    DVC checks it out from the cache (or pulls it from the remote); afterwards the work tree's own
-    `data.dvc` and data are put back, so only the block's stages see the older version.
+    DVC checks it out from the cache (or pulls it from the remote). Afterwards the work tree is put
+    back as it was: `data.dvc` and `dvc.lock` as they were, and the data and stage outputs they name
+    checked out again, so `git status` does not change and only the block saw the older version.
     """
     if revision is None:
         yield
         return
     repo = Path(repo)
-    data_file = repo / DATA_FILE
+    data_file, lock_file = repo / DATA_FILE, repo / LOCK_FILE
     shown = subprocess.run(
         ["git", "show", f"{revision}:{DATA_FILE}"], cwd=repo, capture_output=True, text=True
     )
@@ -127,7 +130,8 @@ def data_at_revision(repo: Path, revision: str | None) -> Iterator[None]:
         raise DvcError(
             f"--data-rev {revision}: git has no {DATA_FILE} at that revision ({shown.stderr.strip()})"
         )
-    original = data_file.read_bytes()
+    original_data_file = data_file.read_bytes()
+    original_lock = lock_file.read_bytes() if lock_file.is_file() else None
     data_file.write_text(shown.stdout)
     try:
         try:
@@ -136,5 +140,14 @@ def data_at_revision(repo: Path, revision: str | None) -> Iterator[None]:
             run_dvc(repo, "pull", "--force", DATA_FILE)
         yield
     finally:
-        data_file.write_bytes(original)
+        data_file.write_bytes(original_data_file)
+        if original_lock is None:
+            lock_file.unlink(missing_ok=True)
+        else:
+            lock_file.write_bytes(original_lock)
         run_dvc(repo, "checkout", "--force", DATA_FILE)
+        if original_lock is not None:
+            try:
+                run_dvc(repo, "checkout", "--force")
+            except DvcError as err:  # outputs never cached here: the next `dvc repro` recomputes them
+                logging.getLogger(__name__).warning("stage outputs not restored: %s", err)

@@ -9,6 +9,7 @@ under the same featurizer id.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -21,27 +22,30 @@ from torch.nn import functional as F
 
 from components.config import load_params
 from components.data.prepared import load_prepared
+from components.models.layers import halvings_to_final_side
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
+STAGE_WIDTHS = [64, 64, 128, 256]  # channels of the stride-2 stages; later ones keep the last
 
 
 class Featurizer(nn.Module):
-    """Convolutional classifier; `forward` returns the penultimate features, `classify` the logits."""
+    """Convolutional classifier; `forward` returns the penultimate features, `classify` the logits.
 
-    def __init__(self, in_channels: int, feature_dim: int, num_classes: int):
+    Its stride-2 stages follow the image size as the models' encoders do (two at 8 x 8, three at
+    32 x 32, four at 64 x 64), so the features of a large image see whole shapes, not just edges.
+    """
+
+    def __init__(self, in_channels: int, feature_dim: int, num_classes: int, image_side: int):
         super().__init__()
         self.num_features = feature_dim  # read by torchmetrics' FID/KID
+        stages = halvings_to_final_side(image_side)
+        widths = STAGE_WIDTHS[:stages] + STAGE_WIDTHS[-1:] * (stages - len(STAGE_WIDTHS))
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU()]
+        for fan_in, fan_out in itertools.pairwise([32, *widths]):
+            layers += [nn.Conv2d(fan_in, fan_out, 3, stride=2, padding=1), nn.ReLU()]
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(64, feature_dim),
+            *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], feature_dim)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))
         # Features are standardised with training-split statistics: KID's polynomial kernel is
@@ -81,7 +85,7 @@ def train_featurizer(
         task, num_classes = "flips", 4
         x_train, y_train = flip_task(data.train.images, rng)
         x_val, y_val = flip_task(data.val.images, rng)
-    model = Featurizer(data.image_shape[0], feature_dim, num_classes)
+    model = Featurizer(data.image_shape[0], feature_dim, num_classes, min(data.image_shape[1:]))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train).long()
     for _ in range(epochs):
@@ -125,7 +129,8 @@ def load_featurizer(featurizer_dir: str | Path) -> Featurizer:
             f"{config_path}: missing; run the `featurizer` stage (`dvc repro featurizer`)"
         )
     config = json.loads(config_path.read_text())
-    model = Featurizer(config["in_channels"], config["feature_dim"], config["num_classes"])
+    side = min(config["image_shape"][1:])
+    model = Featurizer(config["in_channels"], config["feature_dim"], config["num_classes"], side)
     model.load_state_dict(load_file(str(featurizer_dir / WEIGHTS_FILE)))
     return model.eval().requires_grad_(False)
 

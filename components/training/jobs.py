@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -77,29 +76,3 @@ def train_model(
     if outcome.diverged:
         raise TrainingDiverged(f"model {job.spec.name!r} diverged: {outcome.diverged}")
     return outcome
-
-
-class RunLedger:
-    """Remembers the Ray run of each model that started but was not registered yet.
-
-    `genpipe run --resume` reuses that run's name, and Ray Train, given the same storage path and
-    name, continues from its latest checkpoint instead of starting over.
-    """
-
-    def __init__(self, project_dir: Path):
-        self.directory = Path(project_dir) / "outputs" / "unfinished"
-
-    def _path(self, model: str, fingerprint: str) -> Path:
-        return self.directory / f"{model}-{fingerprint}.json"
-
-    def ray_run_name(self, model: str, fingerprint: str, pipeline_id: str, resume: bool) -> str:
-        path = self._path(model, fingerprint)
-        if resume and path.is_file():
-            return json.loads(path.read_text())["ray_run"]
-        name = f"{model}-{fingerprint}-{pipeline_id[:8]}"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"ray_run": name}) + "\n")
-        return name
-
-    def finished(self, model: str, fingerprint: str) -> None:
-        self._path(model, fingerprint).unlink(missing_ok=True)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-
 from components.data.versioning import ensure_data, run_dvc
-
-pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,8 +16,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     }
 
 
-def test_push_then_pull_restores_the_tracked_data(project_factory, tmp_path):
-    project = project_factory(tmp_path / "project")
+def test_push_then_pull_restores_the_tracked_data(project):
     shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the committed remote settings
     ensure_data(project, Path("data/raw"))
     before = snapshot(project / "data")

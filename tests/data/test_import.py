@@ -178,7 +178,6 @@ def assert_same_dataset(dataset: RawDataset, reference: RawDataset) -> None:
 # --- good input ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("kind", GOOD)
 def test_import_tracks_the_dataset_and_prepares_the_same_splits(
     kind, repo, reference, reference_prepared, tmp_path
@@ -470,7 +469,6 @@ def locked_git_index(repo: Path) -> Callable[[], None]:
     return lambda: [path.unlink() for path in (local_config, lock)]
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("sabotage", [broken_dvc_config, locked_git_index])
 def test_failing_dvc_add_restores_data_and_data_dvc(sabotage, repo, reference, tmp_path):
     good = write_npz(tmp_path / "good.npz", x=reference.images, y=reference.labels)

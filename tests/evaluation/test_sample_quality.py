@@ -182,3 +182,85 @@ def test_inception_extractor_says_which_file_is_missing_and_how_to_provide_it(tm
         feature_extractor("inception", tmp_path, garbage)
     with pytest.raises(ValueError, match="'featurizer' or 'inception'"):
         feature_extractor("clip", tmp_path)
+
+
+class InceptionContract(nn.Module):
+    """A randomly initialised stand-in for the FID Inception-v3 TorchScript file, with its contract:
+    uint8 RGB of any size in, resized to 299 x 299 inside, pool features (or 1008 logits) out; 64
+    features rather than the real 2048 keep FID's matrix square root cheap."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 8, stride=8)
+        self.pool_features = nn.Linear(16, 64)
+        self.logits = nn.Linear(64, 1008)
+
+    def forward(self, img: Tensor, return_features: bool = False) -> Tensor:
+        assert img.dtype == torch.uint8 and img.dim() == 4 and img.shape[1] == 3, (
+            "expects N x 3 x H x W uint8"
+        )
+        x = nn.functional.interpolate(img.float() / 127.5 - 1.0, size=(299, 299), mode="bilinear")
+        features = self.pool_features(torch.relu(self.stem(x)).mean(dim=(2, 3)))
+        return features if return_features else self.logits(features)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 colour shapes at 16 x 16, prepared, with a briefly trained 3-channel featurizer."""
+    from components.data.prepared import prepare
+    from components.data.raw import write_raw
+    from components.data.shapes import render_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_raw(render_shapes(300, 16, seed=0), root / "raw")
+    prepare(root / "raw", root / "prepared", 0.1, 0.3, 0)
+    train_featurizer(
+        root / "prepared", root / "featurizer", feature_dim=16, epochs=2, batch_size=64, lr=2e-3, seed=0
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def rgb_test_images(shapes_dir: Path) -> Tensor:
+    from components.data.prepared import load_prepared
+
+    images = torch.from_numpy(load_prepared(shapes_dir / "prepared").test.images)
+    assert images.shape[1:] == (3, 16, 16)
+    return images
+
+
+def swap_red_and_blue(images: Tensor) -> Tensor:
+    return images[:, [2, 1, 0]]
+
+
+@pytest.mark.parametrize("extractor_kind", ["featurizer", "inception"])
+def test_fid_and_kid_work_on_rgb_under_either_extractor(
+    extractor_kind: str, shapes_dir: Path, rgb_test_images: Tensor, tmp_path
+):
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pt"
+    torch.jit.script(InceptionContract()).save(str(weights))
+    extractor, extractor_id = feature_extractor(extractor_kind, shapes_dir / "featurizer", weights)
+    assert extractor_id.startswith(f"{extractor_kind}-")
+    assert extractor.num_features == (16 if extractor_kind == "featurizer" else 64)
+    features = extractor(rgb_test_images[:4])
+    assert features.shape == (4, extractor.num_features)
+    # The three channels reach the network: the same shapes in other colours have other features.
+    assert not torch.allclose(features, extractor(swap_red_and_blue(rgb_test_images[:4])))
+    assert abs(fid_kid(rgb_test_images, rgb_test_images, extractor)["fid"]) < 1e-2
+    half = len(rgb_test_images) // 2
+    first, second = rgb_test_images[:half], rgb_test_images[half:]
+    same = fid_kid(first, second, extractor, kid_subset_size=40)
+    noise = torch.rand(second.shape, generator=torch.Generator().manual_seed(0))
+    noisy = fid_kid(first, noise, extractor, kid_subset_size=40)
+    assert noisy["fid"] > same["fid"] and noisy["kid_mean"] > same["kid_mean"], (same, noisy)
+
+
+def test_the_featurizer_stages_follow_the_image_size():
+    from components.evaluation.featurizer import Featurizer
+
+    for side, stages in ((8, 2), (32, 3), (64, 4)):
+        featurizer = Featurizer(3, 8, 5, side)
+        strided = [m for m in featurizer.body if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+        assert len(strided) == stages
+        assert featurizer(torch.rand(2, 3, side, side)).shape == (2, 8)

@@ -1,4 +1,9 @@
-"""The whole retraining flow on real Prefect, Ray, MLflow (SQLite) and DVC, on the built-in digits."""
+"""The whole retraining flow on real Prefect, Ray, MLflow (SQLite) and DVC, on the built-in digits.
+
+One flow run trains every family once (the module's fixture); the tests of the lifecycle (a worse
+candidate, skips, --force, new data, the read-only and manual commands) then work on its registry
+instead of each training their own first version.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,37 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from components.models import list_models
+from components.models.registry import model_class
 from components.registry.models import CHALLENGER, CHAMPION
 from components.registry.tracking import resolve_tracking_uri
 from flows.retrain import retrain
 
 pytestmark = pytest.mark.integration
 
-TINY = {"train": {"epochs": 1}, "evaluate": {"num_samples": 200, "importance_samples": 10}}
+TINY = {
+    "train": {"epochs": 1, "max_concurrent_models": 2, "per_model": {"gan": {"epochs": 1}}},
+    "evaluate": {"num_samples": 100, "importance_samples": 5},
+}
 
 
-def run_flow(project: Path, models: list[str], **train):
+def run_flow(project: Path, models: list[str], force: bool = False, data_rev: str | None = None, **train):
     overrides = {**TINY, "train": {**TINY["train"], **train}}
-    return retrain(project_dir=str(project), models=models, overrides=overrides, return_state=True)
+    return retrain(
+        project_dir=str(project),
+        models=models,
+        overrides=overrides,
+        force=force,
+        data_rev=data_rev,
+        return_state=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def trained_project(tmp_path_factory, ray_instance, prefect_server, project_factory):
-    """One project in which the VAE has been through the flow once."""
+    """One project in which every family has been through the flow once."""
     project = project_factory(tmp_path_factory.mktemp("pipeline") / "project")
-    state = run_flow(project, ["vae"])
+    state = run_flow(project, list_models())
     assert state.is_completed(), state.message
     return project
 
@@ -34,6 +51,22 @@ def trained_project(tmp_path_factory, ray_instance, prefect_server, project_fact
 def client_for(project: Path) -> MlflowClient:
     uri = resolve_tracking_uri(None, project)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_every_family_trains_through_the_flow_and_is_registered_with_its_scores(trained_project):
+    client = client_for(trained_project)
+    for family in list_models():
+        version = client.get_model_version_by_alias(f"digits.{family}", CHAMPION)
+        metrics = {
+            k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")
+        }
+        assert metrics["fid"] >= 0 and metrics["kid_mean"] == metrics["kid_mean"], family
+        primary = model_class(family).primary_metric
+        assert version.tags["primary_metric"] == primary and primary in metrics, family
+        if primary == "test_nll":
+            assert metrics["test_bits_per_dim"] > 0
+        if primary == "fid" and "test_reconstruction_sse" not in metrics:
+            assert "test_parzen_ll_estimate" in metrics, family
 
 
 def test_first_version_becomes_champion_with_metrics_grids_and_data_version(trained_project):
@@ -155,22 +188,32 @@ def test_an_overlapping_run_skips_while_another_holds_the_project_lock(trained_p
     versions = len(client_for(trained_project).search_model_versions("name = 'digits.vae'"))
     with FileLock(trained_project / ".genpipe.lock"):
         state = run_flow(trained_project, ["vae"], epochs=2)
-    assert state.is_completed() and "another genpipe run holds" in state.message
+    assert state.is_cancelled() and "another genpipe run holds" in state.message
     assert [row["status"] for row in state.result(raise_on_failure=False)] == ["skipped"]
     assert len(client_for(trained_project).search_model_versions("name = 'digits.vae'")) == versions
 
 
 def test_a_run_elsewhere_writing_to_the_same_registry_makes_an_overlapping_run_skip(trained_project):
+    from typer.testing import CliRunner
+
+    from flows.cli import EXIT_SKIPPED, app
+    from flows.journal import Holder
     from flows.registry_turn import registry_turn
 
     client = client_for(trained_project)
     versions = len(client.search_model_versions("name = 'digits.vae'"))
+    elsewhere = Holder.this_process("a-run-on-another-host")
     # What a run on another host holds while it trains and registers: the registry's turn on the
     # shared Prefect server (the project lock here stays free).
-    with registry_turn(resolve_tracking_uri(None, trained_project), wait_s=0):
-        state = run_flow(trained_project, ["vae"], epochs=2)
-    assert state.is_completed() and "another genpipe run is writing to the registry" in state.message
-    assert [row["status"] for row in state.result(raise_on_failure=False)] == ["skipped"]
+    with registry_turn(resolve_tracking_uri(None, trained_project), wait_s=0, holder=elsewhere):
+        result = CliRunner().invoke(
+            app, ["run", "--models", "vae", "--epochs", "2", "-C", str(trained_project)]
+        )
+    output = " ".join(result.output.split())
+    assert result.exit_code == EXIT_SKIPPED != 0, result.output
+    assert "another genpipe run is writing to the registry" in output and "nothing done" in output
+    assert f"flow run a-run-on-another-host on host {elsewhere.host}, pid {elsewhere.pid}" in output
+    assert f"since {elsewhere.since}" in output
     assert len(client.search_model_versions("name = 'digits.vae'")) == versions
 
 
@@ -182,9 +225,7 @@ def test_unchanged_inputs_are_skipped_and_force_retrains(trained_project):
     (row,) = again.result(raise_on_failure=False)
     assert row["status"] == "skipped" and "inputs unchanged" in row["detail"]
     assert len(client_for(trained_project).search_model_versions("name = 'digits.vae'")) == versions_before
-    forced = retrain(
-        project_dir=str(trained_project), models=["vae"], overrides=TINY, force=True, return_state=True
-    )
+    forced = run_flow(trained_project, ["vae"], force=True)
     (row,) = forced.result(raise_on_failure=False)
     assert row["status"] in ("promoted", "kept champion")
     assert (
@@ -215,9 +256,7 @@ def test_changed_data_retrains_and_data_rev_trains_on_an_older_version(trained_p
     assert row["status"] in ("promoted", "kept champion"), row
     assert "re-evaluated on data" in row["detail"]
 
-    older = retrain(
-        project_dir=str(trained_project), models=["vae"], overrides=TINY, data_rev=original, return_state=True
-    )
+    older = run_flow(trained_project, ["vae"], data_rev=original)
     (row,) = older.result(raise_on_failure=False)
     assert (
         row["status"] == "skipped" and "inputs unchanged" in row["detail"]

@@ -215,3 +215,54 @@ def test_gan_recovers_the_modes_of_a_ring_of_gaussians(tmp_path: Path):
     print(f"ring: {recovered}/8 modes recovered, {near.mean():.0%} high-quality samples, per mode {per_mode}")
     assert recovered >= 7, f"only {recovered} of 8 modes recovered; samples per mode: {per_mode}"
     assert near.mean() >= 0.5, f"only {near.mean():.0%} of samples lie within 3 std of a mode"
+
+
+def test_stylegan_demodulation_restores_unit_output_variance():
+    """Whatever the style, a demodulated convolution of unit-variance noise has unit-variance output
+    channels; without demodulation a style three times larger gives nine times the variance."""
+    from components.models.families.stylegan import ModulatedConv2d
+
+    torch.manual_seed(0)
+    for demodulate in (True, False):
+        conv = ModulatedConv2d(16, 8, 3, style_dim=4, demodulate=demodulate)
+        x, w = torch.randn(1, 16, 64, 64), 3 * torch.randn(1, 4)
+        with torch.no_grad():
+            variance = conv(x, w)[0, :, 1:-1, 1:-1].var(dim=(1, 2))  # the interior, away from the padding
+        if demodulate:
+            torch.testing.assert_close(variance, torch.ones(8), rtol=0.12, atol=0)
+        else:
+            assert variance.mean() > 3
+
+
+def test_stylegan_style_mixing_changes_the_image_from_the_crossover_on():
+    torch.manual_seed(0)
+    model = create_model("stylegan", (3, 32, 32), latent_dim=4, width=8, mapping_layers=2).eval()
+    synthesis = model.generator.synthesis
+    assert synthesis.num_ws == 8 and len(synthesis.to_images) == 4  # 4x4, 8x8, 16x16, 32x32 blocks
+    z, other = torch.randn(2, 4), torch.randn(2, 4)
+
+    def draw(crossover: int) -> torch.Tensor:
+        ws = model.mixed_ws(z, other, torch.full((2,), crossover))
+        with torch.no_grad():
+            return synthesis(ws, torch.Generator().manual_seed(0))
+
+    unmixed = draw(synthesis.num_ws)
+    with torch.no_grad():
+        assert torch.allclose(unmixed, model.generator(z, torch.Generator().manual_seed(0)))
+    coarse_from_other, fine_from_other = draw(2), draw(6)
+    assert not torch.allclose(unmixed, fine_from_other) and not torch.allclose(unmixed, coarse_from_other)
+    # Taking only the finest layers from the other code changes the image less than taking all but the first.
+    assert (unmixed - fine_from_other).abs().mean() < (unmixed - coarse_from_other).abs().mean()
+
+
+def test_stylegan_discriminator_loss_carries_the_r1_penalty_on_real_images():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 16, 16)
+    model = create_model("stylegan", (3, 16, 16), latent_dim=4, width=8, mapping_layers=2, r1_gamma=5.0)
+    outputs = model(x, "discriminator")
+    expected = r1_penalty(model.discriminator, 2 * x - 1, gamma=5.0)
+    assert outputs["penalty"].item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0
+    without = create_model("stylegan", (3, 16, 16), latent_dim=4, width=8, mapping_layers=2, r1_gamma=0.0)
+    assert "penalty" not in without(x, "discriminator")
+    with pytest.raises(ValueError, match="mixing_prob in \\[0, 1\\]"):
+        create_model("stylegan", (3, 16, 16), mixing_prob=1.5)

@@ -31,8 +31,9 @@ class ConvAutoencoder(ReconstructionModel):
     def __init__(self, image_shape, *, latent_dim: int = 16, channels: int = 32, hidden: int = 256):
         super().__init__(image_shape)
         self.latent_dim = latent_dim
-        self.encoder = ConvEncoder(self.image_shape, latent_dim, channels=channels, hidden=hidden)
-        self.decoder = ConvDecoder(self.image_shape, latent_dim, channels=channels, hidden=hidden)
+        sizes = {"channels": channels, "hidden": hidden, "owner": self.registry_name}
+        self.encoder = ConvEncoder(self.image_shape, latent_dim, **sizes)
+        self.decoder = ConvDecoder(self.image_shape, latent_dim, **sizes)
         # The code Gaussian is state, not a parameter: buffers are saved with the weights and moved
         # with the module, and no optimiser touches them. N(0, I) until `fit_after_training`.
         self.register_buffer("code_mean", torch.zeros(latent_dim))

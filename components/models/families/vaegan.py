@@ -22,7 +22,13 @@ from torch.nn import functional as F
 
 from components.models.base import ReconstructionModel
 from components.models.families.ae import reconstruction_sse
-from components.models.layers import ConvDecoder, ConvEncoder, GaussianLatent, downsampled_size
+from components.models.layers import (
+    ConvDecoder,
+    ConvEncoder,
+    GaussianLatent,
+    strided_feature_size,
+    strided_features,
+)
 from components.models.registry import register_model
 
 
@@ -32,7 +38,8 @@ def frozen(module: nn.Module, *inputs: Tensor):
 
 
 class Discriminator(nn.Module):
-    """Two stride-2 convolutions (their output is Dis_l, the similarity features) and a linear score.
+    """Stride-2 convolutions down to about 4 x 4 (their output is Dis_l, the similarity features) and a
+    linear score.
 
     Per-image normalisation keeps Dis_l at unit scale, so the similarity term is not dwarfed by the
     KL term (which collapses the posterior); unlike batch norm it does not mix real and fake
@@ -41,17 +48,10 @@ class Discriminator(nn.Module):
 
     def __init__(self, image_shape, channels: int):
         super().__init__()
-        c, h, w = image_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, channels, 3, stride=2, padding=1),
-            nn.GroupNorm(1, channels),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1),
-            nn.GroupNorm(1, 2 * channels),
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
+            *strided_features(image_shape, channels, "vaegan", norm=True), nn.Flatten()
         )
-        self.score = nn.Linear(2 * channels * downsampled_size(h, 2) * downsampled_size(w, 2), 1)
+        self.score = nn.Linear(strided_feature_size(image_shape, channels, "vaegan"), 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Dis_l features (N x F) and the logit of "real" (N)."""
@@ -86,8 +86,9 @@ class VAEGAN(GaussianLatent, ReconstructionModel):
             )
         self.latent_dim, self.gamma = latent_dim, gamma
         self.discriminator_lr_scale = discriminator_lr_scale
-        self.encoder = ConvEncoder(self.image_shape, 2 * latent_dim, channels=channels, hidden=hidden)
-        self.decoder = ConvDecoder(self.image_shape, latent_dim, channels=channels, hidden=hidden)
+        sizes = {"channels": channels, "hidden": hidden, "owner": "vaegan"}
+        self.encoder = ConvEncoder(self.image_shape, 2 * latent_dim, **sizes)
+        self.decoder = ConvDecoder(self.image_shape, latent_dim, **sizes)
         self.discriminator = Discriminator(self.image_shape, channels)
 
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:

@@ -1,0 +1,86 @@
+"""Every sample-quality family builds, steps every phase and samples at 8x8 grey up to 64x64 RGB,
+with as many up/down-sampling stages as the image size needs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.models import create_model
+from components.models.layers import ConvEncoder, downsampling_stages
+from components.training.trainer import LocalContext, TrainJob, load_model_dir, read_outcome, run_training
+
+SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]
+# Tiny widths: the point is the shapes and the phases, not the capacity.
+TINY = {
+    "ae": {"latent_dim": 4, "channels": 4, "hidden": 16},
+    "dae": {"latent_dim": 4, "channels": 4, "hidden": 16},
+    "vaegan": {"latent_dim": 4, "channels": 4, "hidden": 16},
+    "gan": {"latent_dim": 4, "hidden": 16},
+    "dcgan": {"latent_dim": 4, "width": 4},
+    "wgan": {"latent_dim": 4, "width": 4, "n_critic": 2},
+    "wgan-gp": {"latent_dim": 4, "width": 4, "n_critic": 2},
+    "stylegan": {"latent_dim": 4, "width": 8, "mapping_layers": 2},
+}
+CONVOLUTIONAL_AUTOENCODERS = ("ae", "dae", "vaegan")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("family", TINY)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_family_steps_every_phase_and_samples_at_this_size(family: str, shape: tuple[int, int, int]):
+    torch.manual_seed(0)
+    model = create_model(family, shape, **TINY[family])
+    optimizers = model.configure_optimizers(1e-3)
+    x = torch.rand(4, *shape)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for phase in model.phases:
+        optimizers[phase].zero_grad(set_to_none=True)
+        outputs = model(x, phase)
+        assert torch.isfinite(outputs["loss"]), (phase, outputs)
+        outputs["loss"].backward()
+        optimizers[phase].step()
+        model.after_optimizer_step(phase)
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert moved, "no phase changed any weight"
+    model.fit_after_training(x)
+    model.eval()
+    samples = model.sample(3, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, *shape) and 0 <= samples.min() <= samples.max() <= 1
+    if family in CONVOLUTIONAL_AUTOENCODERS:
+        assert model.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize(("side", "stages"), [(8, 2), (12, 2), (28, 3), (32, 3), (64, 4), (128, 5)])
+def test_the_encoder_halves_the_image_down_to_about_four_pixels(side: int, stages: int):
+    assert downsampling_stages((3, side, side), "test") == stages
+    encoder = ConvEncoder((3, side, side), 5, channels=2, hidden=8)
+    convolutions = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convolutions) == stages
+    assert encoder(torch.rand(2, 3, side, side)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("family", [*CONVOLUTIONAL_AUTOENCODERS, "vae"])
+def test_an_image_below_the_minimum_is_refused_naming_family_and_shape(family: str):
+    with pytest.raises(ValueError, match=r"3x3x2 are smaller than its minimum of 4x4") as error:
+        create_model(family, (3, 3, 2))
+    if family != "vae":  # vae's module passes no name to the shared encoder
+        assert str(error.value).startswith(f"{family}: ")
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_family_trains_in_process_on_rgb_32(family: str, tmp_path: Path):
+    """A few real trainer steps at 3x32x32: two epochs of 16 images in batches of 8."""
+    spec = create_model(family, (3, 32, 32), **TINY[family]).spec
+    job = TrainJob(model=spec.to_dict(), epochs=2, batch_size=8, lr=1e-3, checkpoint_every_steps=0)
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy()
+    run_training(job, images, images[:8], LocalContext(tmp_path))
+    outcome = read_outcome(tmp_path)
+    assert outcome.diverged is None and outcome.steps == 4
+    assert all(math.isfinite(v) for epoch in outcome.history for v in epoch.values())
+    samples = load_model_dir(tmp_path).sample(2, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 3, 32, 32)
