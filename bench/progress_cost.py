@@ -87,9 +87,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="genpipe-progress-cost-") as tmp:
         work = Path(tmp)
         data = load_data(None, None, work)
-        binary = model_class(args.family).data_kind == "binary"
-        val = data.val.binary.astype(np.float32) if binary else data.val.images
         spec = create_model(args.family, data.image_shape).spec
+        binary = model_class(args.family).data_kind_for(spec.image_shape, spec.hparams) == "binary"
+        val = data.val.binary.astype(np.float32) if binary else data.val.images
         job = TrainJob(spec.to_dict(), args.epochs, args.batch_size, 1e-3, checkpoint_every_steps=0)
         ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
         received: list[TrainProgress] = []

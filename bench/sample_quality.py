@@ -75,7 +75,7 @@ def real_grid(data: PreparedData, data_kind: str) -> str:
 
 
 def run_one(name: str, data: PreparedData, args, work: Path, extractor, extractor_id: str) -> Row:
-    cls = model_class(name)
+    kind = model_class(name).data_kind_for(data.image_shape, {})
     torch.manual_seed(args.seed)
     job = TrainJob(
         model={"name": name, "image_shape": list(data.image_shape), "hparams": {}},
@@ -87,7 +87,7 @@ def run_one(name: str, data: PreparedData, args, work: Path, extractor, extracto
     )
     out = work / name
     start = time.perf_counter()
-    run_training(job, data.train.images, data.val.for_kind(cls.data_kind), LocalContext(out))
+    run_training(job, data.train.images, data.val.for_kind(kind), LocalContext(out))
     train_seconds = time.perf_counter() - start
     model = load_model_dir(out)
     start = time.perf_counter()
@@ -97,14 +97,14 @@ def run_one(name: str, data: PreparedData, args, work: Path, extractor, extracto
     samples_png = save_grid(evaluation.images["samples"][0], IMAGES / f"{data.name}-{name}.png").name
     return Row(
         name,
-        cls.data_kind,
+        kind,
         evaluation.metrics,
         sum(p.numel() for p in model.parameters()),
         train_seconds,
         args.epochs * len(data.train) / train_seconds,
         SPEED_SAMPLES / sample_seconds,
         samples_png,
-        real_grid(data, cls.data_kind),
+        real_grid(data, kind),
     )
 
 

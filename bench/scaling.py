@@ -93,7 +93,7 @@ def _bench_worker(config: dict) -> None:
     train = data["train"]
     plain, trainer, ctx = {}, {}, None
     for family in config["families"]:
-        binary = model_class(family).data_kind == "binary"
+        binary = model_class(family).data_kind_for(train.shape[1:], {}) == "binary"
         ctx = FreshContext()
         x = data["train_binary"] if binary else train
         plain_seconds = (

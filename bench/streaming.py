@@ -98,7 +98,7 @@ def memory_run(job: TrainJob, data: PreparedData, path: str, work: Path) -> floa
     train_on_ray(
         job,
         data.train.shards if path == "streamed" else data.train.pixels,
-        data.val.for_kind(model_class(job.spec.name).data_kind),
+        data.val.for_kind(model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams)),
         scaling=Scaling(workers=1, gpus_per_worker=0),
         storage_path=work / "ray",
         run_name=f"memory-{path}",
@@ -117,7 +117,7 @@ def in_process_run(job: TrainJob, data: PreparedData, path: str, epochs: int, wo
         train = streamed_batches(shard_dataset(split, job.seed), job, stream_settings(split), ctx)
     else:
         train = data.train.pixels
-    val = data.val.for_kind(model_class(job.spec.name).data_kind)
+    val = data.val.for_kind(model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams))
     started = time.perf_counter()
     run_training(job, train, val, ctx)
     return time.perf_counter() - started

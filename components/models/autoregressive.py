@@ -1,11 +1,18 @@
-"""Masked layers and the shared base of the autoregressive Bernoulli families.
+"""Masked layers and the shared base of the autoregressive image families.
 
-An autoregressive model factorises p(x) = prod_i p(x_i | x_<i) over the pixels in a fixed order.
-Every family here computes, in one pass, the logit of each binary pixel given the pixels before it;
-masks keep later pixels out of each logit. Masks are buffers applied functionally
-(`weight * mask` inside `forward`, never edits of the weights), so DistributedDataParallel and
-`torch.compile` see pure functions. The base turns the logits into an exact log-likelihood and draws
-samples by ancestral sampling: all samples in parallel, one pixel at a time.
+An autoregressive model factorises p(x) = prod_i p(x_i | x_<i) over the sub-pixels in a fixed order.
+Every family here computes, in one pass, the parameters of each sub-pixel's distribution (a
+Bernoulli logit for binary images, a softmax or a discretised logistic mixture over the levels of
+8-bit images: `components.models.pixels`) given the sub-pixels before it; masks keep later ones out.
+Masks are buffers applied functionally (`weight * mask` inside `forward`, never edits of the
+weights), so DistributedDataParallel and `torch.compile` see pure functions. The base turns the
+parameters into an exact log-likelihood and draws samples by ancestral sampling: all samples in
+parallel, one sub-pixel at a time.
+
+Colour images use the channel masking of PixelCNN (van den Oord et al. 2016): the features at each
+position are split into one group per image channel, and the group of channel c sees, at its own
+position, only the channels before c (R nothing, G the R value, B the R and G values), while every
+earlier position is seen whole.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from components.models.base import DensityModel
+from components.models.base import DensityModel, PixelForm
+from components.models.pixels import resolve_pixels, subpixel_distribution
 
-#: What a family hands the sampler at each step: the pixel to draw (one flat index for all samples,
-#: or one per sample) and the logit of that pixel being 1 given the pixels drawn so far, shape N.
+#: What a family hands the sampler at each step: the sub-pixel to draw (one flat index into the
+#: C x H x W layout for all samples, or one per sample) and its distribution's parameters, N x P.
 Conditional = tuple[int | Tensor, Tensor]
 
 
@@ -45,15 +53,41 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.masked_weight(mask_index), self.bias)
 
 
+def channel_groups(num_channels: int, image_channels: int, chunks: int = 1) -> Tensor:
+    """Image channel that each of `num_channels` features belongs to.
+
+    Features made of `chunks` equal parts that are later combined element by element (the two
+    halves of a gated unit, the four gates of an LSTM) give unit u of every part the same group.
+    """
+    units = num_channels // chunks
+    if units * chunks != num_channels or units < image_channels:
+        raise ValueError(
+            f"{num_channels} feature channels in {chunks} part(s) cannot be split among "
+            f"{image_channels} image channels: expected a multiple of {chunks} of at least "
+            f"{chunks * image_channels}"
+        )
+    return torch.arange(num_channels) % units * image_channels // units
+
+
 class MaskedConv2d(nn.Conv2d):
     """Size-preserving convolution that sees only the rows above and the pixels to the left.
 
     Mask type "A" hides the centre pixel too (the first layer: a pixel must not see itself); type
-    "B" lets it through (later layers: the centre feature already excludes its own pixel). Only the
-    spatial mask is needed because the families accept single-channel images only.
+    "B" lets it through (later layers: the centre feature already excludes its own pixel). With
+    several image channels the centre is masked per channel group instead: type A lets group c see
+    the groups before c, type B also group c itself.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], mask_type: str):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        mask_type: str,
+        *,
+        image_channels: int = 1,
+        out_chunks: int = 1,
+    ):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         if mask_type not in ("A", "B") or kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(
@@ -61,43 +95,76 @@ class MaskedConv2d(nn.Conv2d):
                 f"{kh}x{kw}"
             )
         super().__init__(in_channels, out_channels, (kh, kw), padding=(kh // 2, kw // 2))
-        mask = torch.ones(kh, kw)
-        mask[kh // 2, kw // 2 + (mask_type == "B") :] = 0
-        mask[kh // 2 + 1 :] = 0
-        self.register_buffer("mask", mask[None, None])
+        mask = torch.ones(out_channels, in_channels, kh, kw)
+        mask[:, :, kh // 2, kw // 2 :] = 0
+        mask[:, :, kh // 2 + 1 :] = 0
+        if image_channels == 1:
+            mask[:, :, kh // 2, kw // 2] = float(mask_type == "B")
+            mask = mask[
+                :1, :1
+            ].clone()  # the same for every pair of channels: stored once, as binary models did
+        else:
+            out_group = channel_groups(out_channels, image_channels, out_chunks)[:, None]
+            in_group = channel_groups(in_channels, image_channels)[None, :]
+            visible = out_group >= in_group if mask_type == "B" else out_group > in_group
+            mask[:, :, kh // 2, kw // 2] = visible.float()
+        self.register_buffer("mask", mask)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight * self.mask, self.bias)
 
 
-def bernoulli_log_prob(logits: Tensor, x: Tensor) -> Tensor:
-    """Sum over pixels of log Bernoulli(x | sigmoid(logits)), one value per image."""
-    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+def channel_conv(in_channels: int, out_channels: int, image_channels: int, out_chunks: int = 1) -> nn.Conv2d:
+    """1x1 convolution that keeps the channel groups apart; a plain one for single-channel images."""
+    if image_channels == 1:
+        return nn.Conv2d(in_channels, out_channels, 1)
+    return MaskedConv2d(
+        in_channels, out_channels, 1, "B", image_channels=image_channels, out_chunks=out_chunks
+    )
 
 
-class AutoregressiveBernoulli(DensityModel):
-    """Base of the families that factorise p(x) over the pixels of a binary image, in raster order.
+class AutoregressiveImageModel(PixelForm, DensityModel):
+    """Base of the families that factorise p(x) over the sub-pixels of an image in a fixed order.
 
-    A family implements `logits`; it may override `conditional_logits` when it can compute the next
-    pixel's logit more cheaply than a whole forward pass (NADE, FVSBN, the Row LSTM do).
+    A family implements `params`; it may override `conditional_params` when it can compute the next
+    sub-pixel's parameters more cheaply than a whole forward pass (NADE, FVSBN, the Row LSTM do).
     """
 
-    #: True when the logits of image row r depend only on rows <= r and are the same for an image
+    #: True when the output at image row r depends only on rows <= r and is the same for an image
     #: cropped below row r (convolutional and row-recurrent families): the default sampler then runs
     #: the network on the rows drawn so far instead of the whole image.
     row_prefix_sampling: ClassVar[bool] = False
+    #: True: raster order over pixels, a pixel's channels in turn (the convolutional and recurrent
+    #: families); False: the flattened C x H x W order (the fully connected families).
+    pixel_major: ClassVar[bool] = True
 
-    def __init__(self, image_shape: Sequence[int]):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        *,
+        pixels: str | None,
+        output: str,
+        levels: int,
+        mixture_components: int,
+    ):
         super().__init__(image_shape)
-        if self.image_shape[0] != 1:
-            name = getattr(type(self), "registry_name", type(self).__name__)
-            raise ValueError(
-                f"model {name!r} models single-channel binary images: expected image_shape (1, H, W), "
-                f"got {self.image_shape} with {self.image_shape[0]} channels"
-            )
+        name = getattr(type(self), "registry_name", type(self).__name__)
+        self.pixels = resolve_pixels(name, pixels, self.image_shape)
+        self.distribution = subpixel_distribution(name, self.pixels, output, levels, mixture_components)
 
-    def logits(self, x: Tensor) -> Tensor:
-        """Logit of p(x_i = 1 | x_<i) for every pixel i, N x 1 x H x W like `x`."""
+    @property
+    def params_per_dim(self) -> int:
+        """Number of distribution parameters each sub-pixel gets (1 for a binary pixel's logit)."""
+        return self.distribution.num_params
+
+    def ordering(self) -> Tensor:
+        """Flat indices into the C x H x W layout in the order the model draws them."""
+        c, h, w = self.image_shape
+        order = torch.arange(self.num_dims)
+        return order.view(c, h * w).T.flatten() if self.pixel_major else order
+
+    def params(self, x: Tensor) -> Tensor:
+        """Parameters of p(x_i | x_<i) for every sub-pixel i, N x C x H x W x P."""
         raise NotImplementedError
 
     def check_images(self, x: Tensor) -> None:
@@ -110,30 +177,41 @@ class AutoregressiveBernoulli(DensityModel):
 
     def log_prob(self, x: Tensor) -> Tensor:
         self.check_images(x)
-        return bernoulli_log_prob(self.logits(x), x)
+        return self.distribution.log_prob(self.params(x), x).flatten(1).sum(1)
 
-    def conditional_logits(self, x: Tensor, generator: torch.Generator | None) -> Iterator[Conditional]:
-        """Yield the next pixel and its logit given `x`, which the sampler fills in between steps.
+    def conditional_params(self, x: Tensor, generator: torch.Generator | None) -> Iterator[Conditional]:
+        """Yield the next sub-pixel and its parameters given `x`, which the sampler fills in between steps.
 
         `x` is N x D (flattened images, zeros where nothing is drawn yet). This default runs the
-        whole network once per pixel.
+        whole network once per sub-pixel.
         """
-        width = self.image_shape[2]
+        _, height, width = self.image_shape
         images = x.view(len(x), *self.image_shape)
-        for i in range(self.num_dims):
-            seen = images[:, :, : i // width + 1] if self.row_prefix_sampling else images
-            yield i, self.logits(seen).flatten(1)[:, i]
+        for i in self.ordering().tolist():
+            channel, row, column = i // (height * width), i // width % height, i % width
+            seen = images[:, :, : row + 1] if self.row_prefix_sampling else images
+            yield i, self.params(seen)[:, channel, row, column]
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         dtype = next(self.parameters()).dtype
         x = torch.zeros(n, self.num_dims, device=self.device, dtype=dtype)
         rows = torch.arange(n, device=self.device)
-        for index, logit in self.conditional_logits(x, generator):
-            x[rows, index] = torch.bernoulli(torch.sigmoid(logit), generator=generator)
+        for index, params in self.conditional_params(x, generator):
+            x[rows, index] = self.distribution.sample(params, generator)
         return x.reshape(n, *self.image_shape)
 
 
-def logit_head(channels: int) -> nn.Sequential:
-    """Per-pixel output of the convolutional families: ReLU, 1x1, ReLU, 1x1 down to one logit."""
-    return nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
+def output_head(channels: int, image_channels: int, params_per_dim: int) -> nn.Sequential:
+    """Per-pixel output of the convolutional families: ReLU, 1x1, ReLU, 1x1 to each sub-pixel's parameters."""
+    return nn.Sequential(
+        nn.ReLU(),
+        channel_conv(channels, channels, image_channels),
+        nn.ReLU(),
+        channel_conv(channels, image_channels * params_per_dim, image_channels),
+    )
+
+
+def subpixel_params(output: Tensor, image_channels: int) -> Tensor:
+    """N x (C*P) x H x W, grouped by image channel, to N x C x H x W x P."""
+    return output.unflatten(1, (image_channels, -1)).permute(0, 1, 3, 4, 2)

@@ -10,11 +10,13 @@ family it drives. Capabilities that only some families have are expressed by the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import ClassVar, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+
+from components.models.pixels import resolve_pixels
 
 DataKind = Literal["binary", "continuous"]
 ImageShape = tuple[int, int, int]
@@ -28,9 +30,6 @@ class GenerativeModel(nn.Module):
     sees every forward pass and synchronises gradients whatever the phase.
     """
 
-    #: "binary": trained with dynamic binarisation, evaluated on the fixed binarised split, samples in
-    #: {0, 1}; "continuous": trained and evaluated on images scaled to [0, 1].
-    data_kind: ClassVar[DataKind] = "continuous"
     #: Evaluation metric that decides promotion (lower is better), without its split: the gate reads
     #: it on the validation split (`val_fid`), the report on the test split (`test_fid`).
     primary_metric: ClassVar[str] = "fid"
@@ -44,6 +43,17 @@ class GenerativeModel(nn.Module):
                 f"image_shape must be (channels, height, width) of positive sizes, got {image_shape}"
             )
         self.image_shape: ImageShape = tuple(int(s) for s in image_shape)
+
+    @classmethod
+    def data_kind_for(cls, image_shape: Sequence[int], hparams: Mapping[str, Any]) -> DataKind:
+        """The data kind of the model these arguments build (see `data_kind`), known before building it."""
+        return "continuous"
+
+    @property
+    def data_kind(self) -> DataKind:
+        """ "binary": trained with dynamic binarisation, evaluated on the fixed binarised split, samples
+        in {0, 1}; "continuous": trained and evaluated on images scaled to [0, 1]."""
+        return type(self).data_kind_for(self.image_shape, {})
 
     @property
     def num_dims(self) -> int:
@@ -87,7 +97,6 @@ class GenerativeModel(nn.Module):
 class DensityModel(GenerativeModel):
     """A model with an exact, normalised likelihood."""
 
-    data_kind: ClassVar[DataKind] = "binary"
     primary_metric: ClassVar[str] = "nll"
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -120,7 +129,6 @@ class ReconstructionModel(GenerativeModel):
 class LatentVariableModel(ReconstructionModel):
     """A latent-variable model with a variational bound on its likelihood."""
 
-    data_kind: ClassVar[DataKind] = "binary"
     primary_metric: ClassVar[str] = "nll_bound"
 
     def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -132,6 +140,29 @@ class LatentVariableModel(ReconstructionModel):
     ) -> Tensor:
         """Importance-weighted lower bound on log p(x) (Burda et al. 2016), tighter than the ELBO."""
         raise NotImplementedError
+
+
+class PixelForm:
+    """Mix-in of the likelihood families that model binary or 8-bit pixels (hyper-parameter `pixels`).
+
+    The form, and with it the data kind, is a property of each model: binary models see dynamically
+    binarised images, 8-bit models the [0, 1] images themselves (see `components.models.pixels`).
+    """
+
+    pixels: str
+
+    @classmethod
+    def data_kind_for(cls, image_shape: Sequence[int], hparams: Mapping[str, Any]) -> DataKind:
+        name = getattr(cls, "registry_name", cls.__name__)
+        return _data_kind_of(resolve_pixels(name, hparams.get("pixels"), image_shape))
+
+    @property
+    def data_kind(self) -> DataKind:
+        return _data_kind_of(self.pixels)
+
+
+def _data_kind_of(pixels: str) -> DataKind:
+    return "binary" if pixels == "binary" else "continuous"
 
 
 def bits_per_dim(nats_per_image: float, num_dims: int) -> float:

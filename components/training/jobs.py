@@ -64,7 +64,7 @@ def train_model(
     is held whole on each worker's device. `on_progress` receives where the training is, about once a
     second. Raises TrainingDiverged when the loss blew up.
     """
-    kind = model_class(job.spec.name).data_kind
+    kind = model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams)
     streamed = len(data.train) > int(params["train"]["streaming_threshold_images"])
     outcome = train_on_ray(
         job,

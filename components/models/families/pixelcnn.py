@@ -1,13 +1,18 @@
-"""PixelCNN (van den Oord, Kalchbrenner & Kavukcuoglu, ICML 2016; gated units from van den Oord et al.,
-NeurIPS 2016).
+"""PixelCNN (van den Oord, Kalchbrenner & Kavukcuoglu, ICML 2016) and Gated PixelCNN (van den Oord,
+Kalchbrenner, Vinyals, Espeholt, Graves & Kavukcuoglu, NeurIPS 2016).
 
 Idea: a stack of convolutions whose kernels are masked so that the feature at a pixel sees only the
 rows above and the pixels to its left: a type-A mask (centre hidden) in the first layer, type-B
-masks (centre visible) after it. One forward pass then gives every conditional
-p(x_i | x_<i) at once, in parallel over the image; only sampling is sequential. The body is a stack
-of residual blocks; `gated=True` replaces each block's ReLUs by the gated activation
-tanh(a) * sigmoid(b) of Gated PixelCNN (this model keeps the single masked stack, so it keeps the
-original PixelCNN's blind spot above-right; the two-stack fix is not implemented).
+masks (centre visible) after it. One forward pass then gives every conditional p(x_i | x_<i) at
+once, in parallel over the image; only sampling is sequential. On colour images the masks also
+run across the channels of a pixel (R from the context, G also from R, B from R and G).
+
+Two bodies (hyper-parameter `gated`):
+- the original residual stack (ReLU blocks around one masked k x k convolution), whose masked
+  kernels never reach the pixels above and to the right beyond the first rows: a blind spot;
+- Gated PixelCNN: a vertical stack that sees whole rows above and a horizontal stack that sees the
+  row to the left, joined by feeding the vertical stack, shifted down a row, into the horizontal
+  one; gated units tanh(a) * sigmoid(b); no blind spot. The default for 8-bit images.
 """
 
 from __future__ import annotations
@@ -15,45 +20,82 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from components.models.autoregressive import AutoregressiveBernoulli, MaskedConv2d, logit_head
+from components.models.autoregressive import (
+    AutoregressiveImageModel,
+    MaskedConv2d,
+    channel_conv,
+    output_head,
+    subpixel_params,
+)
 from components.models.registry import register_model
 
 
 class ResidualBlock(nn.Module):
     """ReLU, 1x1 down to half width, ReLU, masked k x k (type B), ReLU, 1x1 back up; plus the input."""
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, image_channels: int):
         super().__init__()
         half = channels // 2
         self.body = nn.Sequential(
             nn.ReLU(),
-            nn.Conv2d(channels, half, 1),
+            channel_conv(channels, half, image_channels),
             nn.ReLU(),
-            MaskedConv2d(half, half, kernel_size, "B"),
+            MaskedConv2d(half, half, kernel_size, "B", image_channels=image_channels),
             nn.ReLU(),
-            nn.Conv2d(half, channels, 1),
+            channel_conv(half, channels, image_channels),
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x)
 
 
-class GatedBlock(nn.Module):
-    """Masked k x k (type B) to twice the width, tanh(a) * sigmoid(b), 1x1; plus the input."""
+class VerticalConv(nn.Conv2d):
+    """k x k convolution that sees the rows up to its own, whole: output row r reads rows r-k//2..r.
 
-    def __init__(self, channels: int, kernel_size: int):
-        super().__init__()
-        self.conv = MaskedConv2d(channels, 2 * channels, kernel_size, "B")
-        self.out = nn.Conv2d(channels, channels, 1)
+    It sees the current row, so its output may only reach a pixel shifted down a row (`shift_down`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__(in_channels, out_channels, (kernel_size // 2 + 1, kernel_size))
+        self.reach = kernel_size // 2
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.conv(x).chunk(2, dim=1)
-        return x + self.out(a.tanh() * b.sigmoid())
+        return super().forward(F.pad(x, (self.reach, self.reach, self.reach, 0)))
+
+
+def shift_down(x: Tensor) -> Tensor:
+    """Move every row one down (zeros on top): row r then holds what was computed from rows < r."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+def gate(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=1)
+    return a.tanh() * b.sigmoid()
+
+
+class GatedStackBlock(nn.Module):
+    """One layer of both stacks: gated vertical and horizontal units, the horizontal one residual."""
+
+    def __init__(self, channels: int, kernel_size: int, image_channels: int):
+        super().__init__()
+        self.vertical = VerticalConv(channels, 2 * channels, kernel_size)
+        # Reads only rows above the pixel (shifted down), all of which every channel group may see.
+        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.horizontal = MaskedConv2d(
+            channels, 2 * channels, (1, kernel_size), "B", image_channels=image_channels, out_chunks=2
+        )
+        self.horizontal_out = channel_conv(channels, channels, image_channels)
+
+    def forward(self, vertical: Tensor, horizontal: Tensor) -> tuple[Tensor, Tensor]:
+        vertical = self.vertical(vertical)
+        pre_gate = self.horizontal(horizontal) + self.vertical_to_horizontal(shift_down(vertical))
+        return gate(vertical), horizontal + self.horizontal_out(gate(pre_gate))
 
 
 @register_model("pixelcnn")
-class PixelCNN(AutoregressiveBernoulli):
+class PixelCNN(AutoregressiveImageModel):
     row_prefix_sampling = True
 
     def __init__(
@@ -64,15 +106,34 @@ class PixelCNN(AutoregressiveBernoulli):
         num_blocks: int = 4,
         kernel_size: int = 3,
         first_kernel_size: int = 7,
-        gated: bool = False,
+        gated: bool | None = None,
+        pixels: str | None = None,
+        output: str = "categorical",
+        levels: int = 256,
+        mixture_components: int = 5,
     ):
-        super().__init__(image_shape)
-        block = GatedBlock if gated else ResidualBlock
-        self.net = nn.Sequential(
-            MaskedConv2d(1, channels, first_kernel_size, "A"),
-            *(block(channels, kernel_size) for _ in range(num_blocks)),
-            logit_head(channels),
+        """`gated=None` picks the gated two-stack body for 8-bit images and the residual one for binary."""
+        super().__init__(
+            image_shape, pixels=pixels, output=output, levels=levels, mixture_components=mixture_components
         )
+        c = self.image_shape[0]
+        self.gated = self.pixels == "8bit" if gated is None else gated
+        if self.gated:
+            self.vertical_in = VerticalConv(c, channels, first_kernel_size)
+            self.horizontal_in = MaskedConv2d(c, channels, (1, first_kernel_size), "A", image_channels=c)
+            self.blocks = nn.ModuleList(GatedStackBlock(channels, kernel_size, c) for _ in range(num_blocks))
+            self.head = output_head(channels, c, self.params_per_dim)
+        else:
+            self.net = nn.Sequential(
+                MaskedConv2d(c, channels, first_kernel_size, "A", image_channels=c),
+                *(ResidualBlock(channels, kernel_size, c) for _ in range(num_blocks)),
+                output_head(channels, c, self.params_per_dim),
+            )
 
-    def logits(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def params(self, x: Tensor) -> Tensor:
+        if not self.gated:
+            return subpixel_params(self.net(x), self.image_shape[0])
+        vertical, horizontal = self.vertical_in(x), self.horizontal_in(x)
+        for block in self.blocks:
+            vertical, horizontal = block(vertical, horizontal)
+        return subpixel_params(self.head(horizontal), self.image_shape[0])

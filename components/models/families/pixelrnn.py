@@ -17,6 +17,9 @@ masked (type-B) input-to-state convolution, in one of two variants (hyper-parame
   feature ever contains its own pixel.
 
 The output of pixel i depends only on pixels before i in raster order, exactly, in both variants.
+On colour images every masked convolution also masks across the channels of a pixel (R from the
+context, G also from R, B from R and G), and the LSTM units are split into channel groups the same
+way; the recurrent connections read only earlier positions, which every group may see.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from components.models.autoregressive import (
-    AutoregressiveBernoulli,
+    AutoregressiveImageModel,
     Conditional,
     MaskedConv2d,
-    logit_head,
+    channel_conv,
+    output_head,
+    subpixel_params,
 )
 from components.models.registry import register_model
 
@@ -50,14 +55,16 @@ def lstm_cell(gates: Tensor, cell: Tensor | None) -> LSTMState:
 class RowLSTM(nn.Module):
     """One Row LSTM layer with a residual connection around it."""
 
-    def __init__(self, channels: int, hidden: int, kernel_size: int):
+    def __init__(self, channels: int, hidden: int, kernel_size: int, image_channels: int):
         super().__init__()
-        self.input_to_state = MaskedConv2d(channels, 4 * hidden, (1, kernel_size), "B")
+        self.input_to_state = MaskedConv2d(
+            channels, 4 * hidden, (1, kernel_size), "B", image_channels=image_channels, out_chunks=4
+        )
         # No bias: the first row's missing state then contributes exactly what a zero state would.
         self.state_to_state = nn.Conv2d(
             hidden, 4 * hidden, (1, kernel_size), padding=(0, kernel_size // 2), bias=False
         )
-        self.output = nn.Conv2d(hidden, channels, 1)
+        self.output = channel_conv(hidden, channels, image_channels)
 
     def recur(self, gates: Tensor, state: LSTMState | None) -> LSTMState:
         """State of one row (N x hidden x 1 x W) from its input gates and the row above's state."""
@@ -96,12 +103,15 @@ def unskew(x: Tensor, width: int) -> Tensor:
 class DiagonalBiLSTM(nn.Module):
     """One Diagonal BiLSTM layer with a residual connection around it."""
 
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, image_channels: int):
         super().__init__()
-        # 1x1 input-to-state for both directions: a type-B mask of a single-channel model is no mask.
-        self.input_to_state = MaskedConv2d(channels, 8 * hidden, 1, "B")
+        # 1x1 input-to-state for both directions (two halves of four gates each): a type-B mask, which
+        # only matters across the channel groups of a colour image.
+        self.input_to_state = MaskedConv2d(
+            channels, 8 * hidden, 1, "B", image_channels=image_channels, out_chunks=8
+        )
         self.state_to_state = nn.ModuleList(nn.Conv1d(hidden, 4 * hidden, 2, bias=False) for _ in range(2))
-        self.output = nn.Conv2d(hidden, channels, 1)
+        self.output = channel_conv(hidden, channels, image_channels)
 
     @staticmethod
     def scan(gates: Tensor, state_to_state: nn.Conv1d) -> Tensor:
@@ -128,7 +138,7 @@ class DiagonalBiLSTM(nn.Module):
 
 
 @register_model("pixelrnn")
-class PixelRNN(AutoregressiveBernoulli):
+class PixelRNN(AutoregressiveImageModel):
     row_prefix_sampling = True
 
     def __init__(
@@ -141,40 +151,51 @@ class PixelRNN(AutoregressiveBernoulli):
         num_layers: int = 2,
         kernel_size: int = 3,
         first_kernel_size: int = 7,
+        pixels: str | None = None,
+        output: str = "categorical",
+        levels: int = 256,
+        mixture_components: int = 5,
     ):
-        super().__init__(image_shape)
+        super().__init__(
+            image_shape, pixels=pixels, output=output, levels=levels, mixture_components=mixture_components
+        )
         if variant not in ("row", "diagonal"):
             raise ValueError(f"model 'pixelrnn': variant must be 'row' or 'diagonal', got {variant!r}")
         self.variant = variant
-        self.input_conv = MaskedConv2d(1, channels, first_kernel_size, "A")
+        c = self.image_shape[0]
+        self.input_conv = MaskedConv2d(c, channels, first_kernel_size, "A", image_channels=c)
         self.layers = nn.ModuleList(
-            RowLSTM(channels, hidden, kernel_size) if variant == "row" else DiagonalBiLSTM(channels, hidden)
+            RowLSTM(channels, hidden, kernel_size, c)
+            if variant == "row"
+            else DiagonalBiLSTM(channels, hidden, c)
             for _ in range(num_layers)
         )
-        self.head = logit_head(channels)
+        self.head = output_head(channels, c, self.params_per_dim)
 
-    def logits(self, x: Tensor) -> Tensor:
+    def params(self, x: Tensor) -> Tensor:
         features = self.input_conv(x)
         for layer in self.layers:
             features = layer(features)
-        return self.head(features)
+        return subpixel_params(self.head(features), self.image_shape[0])
 
-    def conditional_logits(self, x: Tensor, generator: torch.Generator | None) -> Iterator[Conditional]:
+    def conditional_params(self, x: Tensor, generator: torch.Generator | None) -> Iterator[Conditional]:
         if self.variant != "row":
-            yield from super().conditional_logits(x, generator)
+            yield from super().conditional_params(x, generator)
             return
-        _, height, width = self.image_shape
+        channels, height, width = self.image_shape
         images = x.view(len(x), *self.image_shape)
         reach = self.input_conv.kernel_size[0] // 2  # rows above that the first convolution reads
         states: list[LSTMState | None] = [None] * len(self.layers)
         for r in range(height):
             for c in range(width):
-                features = self.input_conv(images[:, :, max(0, r - reach) : r + 1])[:, :, -1:]
-                row_states = []
-                for layer, state in zip(self.layers, states, strict=True):
-                    features, new_state = layer.step(features, state)
-                    row_states.append(new_state)
-                yield r * width + c, self.head(features).flatten(1)[:, c]
-            # No state of a row depends on the row's last pixel (the first mask is type A), so the
-            # states computed before drawing it are final.
+                for channel in range(channels):
+                    features = self.input_conv(images[:, :, max(0, r - reach) : r + 1])[:, :, -1:]
+                    row_states = []
+                    for layer, state in zip(self.layers, states, strict=True):
+                        features, new_state = layer.step(features, state)
+                        row_states.append(new_state)
+                    params = subpixel_params(self.head(features), channels)
+                    yield channel * height * width + r * width + c, params[:, channel, 0, c]
+            # No state of a row depends on the last sub-pixel of the row (the first mask is type A),
+            # so the states computed before drawing it are final.
             states = row_states
