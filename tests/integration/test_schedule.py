@@ -107,7 +107,10 @@ def test_served_deployment_is_scheduled_then_trains_skips_and_retrains_on_new_da
         assert third.state.message.startswith("1 model(s) trained")
         newest = max(registry.search_model_versions("name = 'digits.vae'"), key=lambda v: int(v.version))
         assert str(newest.version) == "2"
-        assert "re-evaluated on data" in newest.tags["promotion.reason"]
+        assert (
+            "re-evaluated first" in newest.tags["promotion.reason"]
+            and "prepared_data" in newest.tags["promotion.reason"]
+        )
         assert newest.tags["data_version"] != champion.tags["data_version"]
 
     finally:
