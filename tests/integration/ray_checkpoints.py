@@ -1,10 +1,12 @@
-"""Reading Ray Train's own record of the checkpoints it has registered, for fault-injection tests."""
+"""Fault injection around checkpoints: a worker that dies after one, and Ray Train's own record of them."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from pathlib import Path
+
+from components.training.trainer import LocalContext
 
 
 def registered_step(run_dir: Path) -> int:
@@ -19,3 +21,20 @@ def registered_step(run_dir: Path) -> int:
         ]
         return latest["metrics"]["step"] if latest else 0
     return 0
+
+
+class SimulatedCrash(Exception):
+    """Stands for a worker dying: raised where no code of the trainer can catch it."""
+
+
+class CrashAfterCheckpoint(LocalContext):
+    """A local worker that dies right after its checkpoint at `step` is stored."""
+
+    def __init__(self, output_dir: Path, step: int):
+        super().__init__(output_dir)
+        self.step = step
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        super().report(metrics, checkpoint_dir)
+        if checkpoint_dir is not None and metrics.get("step") == self.step:
+            raise SimulatedCrash(f"simulated crash after the checkpoint at step {self.step}")

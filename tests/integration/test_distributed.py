@@ -29,7 +29,7 @@ import pytest
 import ray
 import torch
 from ray import cloudpickle
-from ray_checkpoints import registered_step
+from ray_checkpoints import CrashAfterCheckpoint, SimulatedCrash, registered_step
 from torch.overrides import TorchFunctionMode
 
 from components.config import load_params
@@ -77,23 +77,6 @@ def digits_job(image_shape, checkpoint_every_steps: int = 0) -> TrainJob:
 
 
 # --- 0. In-process: a crash right after an epoch-end checkpoint (runs before any Ray start-up) -------
-
-
-class SimulatedCrash(Exception):
-    """Stands for a worker dying: raised where no code of the trainer can catch it."""
-
-
-class CrashAfterCheckpoint(LocalContext):
-    """A local worker that dies right after its checkpoint at `step` is stored."""
-
-    def __init__(self, output_dir: Path, step: int):
-        super().__init__(output_dir)
-        self.step = step
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        super().report(metrics, checkpoint_dir)
-        if checkpoint_dir is not None and metrics.get("step") == self.step:
-            raise SimulatedCrash(f"simulated crash after the checkpoint at step {self.step}")
 
 
 def test_crash_after_an_epoch_end_checkpoint_keeps_that_epochs_metrics(digits, tmp_path):

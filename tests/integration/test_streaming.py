@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_checkpoints import CrashAfterCheckpoint, SimulatedCrash
 
 from components.config import load_params
 from components.data.prepared import load_prepared, prepare
@@ -116,19 +117,6 @@ def test_streamed_and_on_device_batches_give_the_same_gradients(ray_instance, sh
             assert ours[phase].abs().sum() > 0 and torch.equal(ours[phase], theirs[phase]), phase
 
 
-class CrashAfterCheckpoint(LocalContext):
-    """A local worker that dies right after its checkpoint at `step` is stored."""
-
-    def __init__(self, output_dir: Path, step: int):
-        super().__init__(output_dir)
-        self.step = step
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        super().report(metrics, checkpoint_dir)
-        if checkpoint_dir is not None and metrics.get("step") == self.step:
-            raise RuntimeError(f"simulated crash after the checkpoint at step {self.step}")
-
-
 def test_streamed_training_resumed_mid_epoch_matches_an_uninterrupted_one(ray_instance, sharded, tmp_path):
     """Ray Data replays an epoch's order for its seeds, so a run resumed from a mid-epoch checkpoint
     skips exactly the batches it had trained on and ends with the same weights."""
@@ -148,7 +136,7 @@ def test_streamed_training_resumed_mid_epoch_matches_an_uninterrupted_one(ray_in
 
     x_val = sharded.val.binary.astype("float32")
     run_training(job, source(), x_val, LocalContext(tmp_path / "straight"))
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(SimulatedCrash):
         run_training(job, source(), x_val, CrashAfterCheckpoint(tmp_path / "resumed", crash_step))
     run_training(job, source(), x_val, LocalContext(tmp_path / "resumed"))
     straight, resumed = read_outcome(tmp_path / "straight"), read_outcome(tmp_path / "resumed")
