@@ -14,7 +14,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,9 @@ STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
 PROGRESS_SAMPLES_FILE = "progress_samples.npz"
 PROGRESS_GRID = 16  # images per progress grid: enough to see them improve, cheap for autoregressive models
+# A progress grid's sampling prior (an AE's) is fitted to this many training images, not to the whole
+# split: the grid only illustrates, and a full pass every few epochs would cost an epoch on large data.
+PROGRESS_FIT_IMAGES = 4096
 PROGRESS_INTERVAL_S = 1.0  # rank 0 says where it is this often, not every step
 
 
@@ -284,9 +287,18 @@ def run_training(
 @torch.no_grad()
 def _progress_samples(model: GenerativeModel, x_train: Iterable[Tensor], seed: int) -> np.ndarray:
     """Samples from fixed noise, so the grids of successive epochs show the same draws improving."""
-    model.fit_after_training(x_train)  # a fitted sampling prior (an AE's) follows the current codes
+    model.fit_after_training(_first_images(x_train, PROGRESS_FIT_IMAGES))  # follows the current codes
     images = model.sample(PROGRESS_GRID, generator=torch.Generator(device=model.device).manual_seed(seed))
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def _first_images(pieces: Iterable[Tensor], limit: int) -> Iterator[Tensor]:
+    """The leading `limit` images of a split given in pieces, reading no piece beyond them."""
+    for piece in pieces:
+        yield piece[:limit]
+        limit -= len(piece)
+        if limit <= 0:
+            return
 
 
 class _ProgressPacer:

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from components.models import create_model
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, read_outcome, run_training
+from components.training.trainer import (
+    LocalContext,
+    TrainJob,
+    _first_images,
+    load_model_dir,
+    read_outcome,
+    run_training,
+)
 
 TINY = {"vae": {"latent_dim": 4, "channels": 8, "hidden": 32}, "ae": {}}
 
@@ -38,3 +45,15 @@ def test_grids_every_k_epochs_and_at_the_end_leave_training_unchanged(digits, tm
     assert outcomes[0].history == outcomes[2].history
     for (name, a), (_, b) in zip(models[0].state_dict().items(), models[2].state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_progress_grid_reads_only_the_leading_images_of_the_split():
+    read = []
+
+    def pieces():
+        for start in range(0, 100, 30):
+            read.append(start)
+            yield torch.arange(start, min(start + 30, 100))
+
+    taken = torch.cat(list(_first_images(pieces(), 45)))
+    assert torch.equal(taken, torch.arange(45)) and read == [0, 30]
