@@ -94,12 +94,6 @@ def _class_attribute(mro: list[_Class], attribute: str) -> Any:
     raise LookupError(f"{mro[0].module}.{mro[0].node.name}: no class attribute {attribute!r} on its bases")
 
 
-def _data_kinds(mro: list[_Class]) -> str:
-    """ "binary / continuous" for families of the `PixelForm` mix-in (binary or 8-bit pixels, by the
-    `pixels` setting or the channel count), else "continuous"."""
-    return "binary / continuous" if any(cls.node.name == "PixelForm" for cls in mro) else "continuous"
-
-
 def _hyperparameters(mro: list[_Class]) -> dict[str, Any]:
     for cls in mro:
         for node in cls.node.body:
@@ -138,7 +132,7 @@ def family_catalogue() -> tuple[FamilyEntry, ...]:
                 entries.append(
                     FamilyEntry(
                         name,
-                        _data_kinds(mro),
+                        " / ".join(_class_attribute(mro, "data_kinds")),
                         _class_attribute(mro, "primary_metric"),
                         _hyperparameters(mro),
                     )

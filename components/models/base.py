@@ -35,6 +35,8 @@ class GenerativeModel(nn.Module):
     primary_metric: ClassVar[str] = "fid"
     #: Optimiser names, one per phase, in the order one training iteration runs them.
     phases: ClassVar[tuple[str, ...]] = ("model",)
+    #: Every data kind the family's models can have (see `data_kind`), for the catalogue.
+    data_kinds: ClassVar[tuple[DataKind, ...]] = ("continuous",)
 
     def __init__(self, image_shape: Sequence[int]):
         super().__init__()
@@ -150,6 +152,7 @@ class PixelForm:
     """
 
     pixels: str
+    data_kinds: ClassVar[tuple[DataKind, ...]] = ("binary", "continuous")
 
     @classmethod
     def data_kind_for(cls, image_shape: Sequence[int], hparams: Mapping[str, Any]) -> DataKind:
