@@ -32,7 +32,7 @@ MODEL, VERSION = "digits.vae", "1"
 
 def registry_project(directory: Path) -> Path:
     """A project (params.yaml) whose SQLite registry holds `MODEL` v`VERSION` as champion, with lineage tags."""
-    from components.registry.tracking import client_for, resolve_tracking_uri
+    from components.registry.store import client_for, resolve_tracking_uri
 
     shutil.copy(HERE / "params.yaml", directory / "params.yaml")
     client = client_for(resolve_tracking_uri(None, directory))

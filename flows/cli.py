@@ -147,8 +147,8 @@ def run(
     console.print(table)
     _, uri, _ = _tracking(project_dir)
     console.print(f"Results: MLflow at [bold]{uri}[/bold]; weights under {project_dir / 'outputs'}")
-    console.print(f"  MLflow UI:  mlflow ui --backend-store-uri {uri}")
-    console.print("  Prefect UI: prefect server start   (then open http://127.0.0.1:4200)")
+    console.print("  Look:       genpipe ui   (MLflow's runs and registry; --prefect adds Prefect's UI)")
+    console.print("  Report:     genpipe report -o report.html")
     console.print("  Registry:   genpipe status")
     console.print(f"  Logs:       {log_file}")
     if state.is_cancelled():
@@ -372,7 +372,7 @@ def promote(
     from mlflow.exceptions import MlflowException
 
     from components.registry.models import promote_manually, publish_to_production
-    from components.registry.tracking import client_for
+    from components.registry.store import client_for
 
     params, _, client = _tracking(project_dir)
     name = _registered(model, params, project_dir)

@@ -28,7 +28,8 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
-from components.registry.tracking import RunLogger, client_for
+from components.registry.store import client_for
+from components.registry.tracking import RunLogger
 
 JOURNAL_FILE = "outputs/run-journal.json"
 ABANDONED_TAG = "abandoned"

@@ -1,6 +1,7 @@
-"""What `genpipe run` shows while it works: each model's stage, and a progress bar while it trains.
+"""What `genpipe run` shows while it works: each model's stage, and a progress bar while it trains
+and while it is evaluated.
 
-The flow's tasks post stage changes and training progress to `feed`; the command line listens with
+The flow's tasks post stage changes, training and evaluation progress to `feed`; the command line listens with
 `LiveProgress` (a terminal: one row per model, a bar while it trains) or `PlainProgress` (logs and
 CI: one line per stage change of a model). The feed is process-wide because the flow's tasks run in
 threads of the process that called the flow.
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 if TYPE_CHECKING:
+    from components.evaluation.evaluate import EvaluationProgress
     from components.training.trainer import TrainProgress
 
 STAGES = ("queued", "training", "evaluating", "registering", "done", "failed", "skipped")
@@ -29,9 +31,11 @@ class Listener(Protocol):
 
     def training(self, model: str, update: TrainProgress) -> None: ...
 
+    def evaluation(self, model: str, update: EvaluationProgress) -> None: ...
+
 
 class ProgressFeed:
-    """Passes each model's stage changes and training progress to the listeners of this process."""
+    """Passes each model's stage changes and progress to the listeners of this process."""
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
@@ -45,6 +49,10 @@ class ProgressFeed:
     def training(self, model: str, update: TrainProgress) -> None:
         for listener in list(self._listeners):
             listener.training(model, update)
+
+    def evaluation(self, model: str, update: EvaluationProgress) -> None:
+        for listener in list(self._listeners):
+            listener.evaluation(model, update)
 
     @contextmanager
     def listening(self, listener: Listener) -> Iterator[Listener]:
@@ -82,24 +90,33 @@ def stage_line(model: str, stage: str, detail: str = "", when: dt.datetime | Non
     return f"{when:%H:%M:%S} {model:<10} {stage:<11} {detail}".rstrip()
 
 
+def evaluation_summary(update: EvaluationProgress) -> str:
+    """`batch 7/12, val: NLL`."""
+    return f"batch {update.done}/{update.total}, {update.activity}"
+
+
 class PlainProgress:
-    """One line per stage change of a model; the line after training says how far it got."""
+    """One line per stage change of a model; the line after training or evaluation says how far it got."""
 
     def __init__(self, write: Callable[[str], None]):
         self.write = write
-        self._trained: dict[str, TrainProgress] = {}
+        self._last: dict[str, str] = {}  # model -> how far its current stage got
         self._lock = threading.Lock()
 
     def stage(self, model: str, stage: str, detail: str) -> None:
         with self._lock:
-            trained = self._trained.pop(model, None)
-            if trained is not None:
-                detail = f"{detail} (trained: {training_summary(trained)})".lstrip()
+            got = self._last.pop(model, None)
+            if got is not None:
+                detail = f"{detail} ({got})".lstrip()
             self.write(stage_line(model, stage, detail))
 
     def training(self, model: str, update: TrainProgress) -> None:
         with self._lock:
-            self._trained[model] = update
+            self._last[model] = f"trained: {training_summary(update)}"
+
+    def evaluation(self, model: str, update: EvaluationProgress) -> None:
+        with self._lock:
+            self._last[model] = f"evaluated: {evaluation_summary(update)}"
 
 
 class LiveProgress:
@@ -145,4 +162,9 @@ class LiveProgress:
             total=update.total_steps,
             completed=update.step,
             info=f"epoch {update.epoch}/{update.epochs}  {loss}{update.images_per_s:,.0f} img/s",
+        )
+
+    def evaluation(self, model: str, update: EvaluationProgress) -> None:
+        self.progress.update(
+            self._task(model), total=update.total, completed=update.done, info=update.activity
         )

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
@@ -54,7 +56,8 @@ from components.registry.models import (
     registered_name,
     version_with_tag,
 )
-from components.registry.tracking import RunLogger, client_for, resolve_tracking_uri
+from components.registry.store import client_for, resolve_tracking_uri
+from components.registry.tracking import RunLogger
 from components.report.page import report_html
 from components.training.jobs import scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
@@ -126,15 +129,24 @@ class ModelResult:
     run_id: str | None = None
 
 
-def _evaluate(model: GenerativeModel, inputs: Inputs) -> Evaluation:
-    """Evaluate under the run's settings: a candidate and a re-evaluated champion alike."""
+def _evaluate(model: GenerativeModel, inputs: Inputs, shown_as: str) -> Evaluation:
+    """Evaluate under the run's settings: a candidate and a re-evaluated champion alike; its progress
+    is shown on the row of the model `shown_as`."""
     cfg = inputs.params["evaluate"]
     extractor, extractor_id = feature_extractor(
         cfg["feature_extractor"], inputs.featurizer_dir, cfg.get("inception_weights")
     )
     context = {"prepared_data": inputs.data_version, "code": code_version(type(model).registry_name)}
     settings = EvaluationSettings.from_params(inputs.params)
-    return evaluate_model(model, inputs.data(), extractor, extractor_id, settings, context=context)
+    return evaluate_model(
+        model,
+        inputs.data(),
+        extractor,
+        extractor_id,
+        settings,
+        context=context,
+        on_progress=functools.partial(feed.evaluation, shown_as),
+    )
 
 
 def _model_inputs(inputs: Inputs, model: str) -> dict[str, Any]:
@@ -268,7 +280,7 @@ def evaluate(trained: Trained, inputs: Inputs) -> Evaluation:
     feed.stage(trained.model, "evaluating")
     run = RunLogger(client_for(inputs.tracking_uri), trained.run_id)
     with run.fail_on_error():
-        evaluation = _evaluate(load_model_dir(trained.model_dir), inputs)
+        evaluation = _evaluate(load_model_dir(trained.model_dir), inputs, trained.model)
         run.log_evaluation(evaluation)
     get_run_logger().info(
         "evaluated %s: %s = %.4f (%s)",
@@ -321,6 +333,14 @@ def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
     return str(version.version)
 
 
+def _reevaluate(client: MlflowClient, champion: ModelVersion, model: str, inputs: Inputs) -> Evaluation:
+    """The champion scored again under this run's settings, shown on the candidate's row."""
+    feed.stage(model, "evaluating", f"champion v{champion.version} again: its evaluation differs")
+    evaluation = _evaluate(load_version(client, champion), inputs, model)
+    feed.stage(model, "registering", "promotion decision")
+    return evaluation
+
+
 @task(name="promote", cache_policy=NO_CACHE, task_run_name="promote-{trained.model}", **TRANSIENT_RETRIES)
 def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inputs) -> ModelResult:
     client = client_for(inputs.tracking_uri)
@@ -335,7 +355,7 @@ def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inpu
             name,
             candidate,
             evaluation,
-            reevaluate=lambda champion: _evaluate(load_version(client, champion), inputs),
+            reevaluate=lambda champion: _reevaluate(client, champion, trained.model, inputs),
             policy=policy,
         )
         describe_version(client, name, version, decision)

@@ -14,7 +14,10 @@ results.
 
 from __future__ import annotations
 
+import functools
+import math
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,14 +117,76 @@ def evaluation_record(
     return {**asdict(settings), "feature_extractor": extractor_id, "splits": list(splits), **context}
 
 
-def _batched(fn, x: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
+@dataclass(frozen=True)
+class EvaluationProgress:
+    """How far one evaluation has got, in batches of work (sampling, features, likelihoods)."""
+
+    done: int
+    total: int
+    activity: str  # what it does now, e.g. "sampling", "val: FID/KID", "test: NLL"
 
 
-def draw_samples(model: GenerativeModel, n: int, batch_size: int, generator: torch.Generator) -> Tensor:
+class _Tally:
+    """Counts an evaluation's batches against the count planned for it, and tells `report`."""
+
+    def __init__(self, total: int, report: Callable[[EvaluationProgress], None] | None):
+        self.done, self.total, self.report = 0, total, report
+
+    def batch_of(self, activity: str) -> Callable[[], None]:
+        def one_batch() -> None:
+            self.done += 1
+            if self.report is not None:
+                self.report(EvaluationProgress(self.done, self.total, activity))
+
+        return one_batch
+
+
+def _planned_batches(
+    model: GenerativeModel, data: PreparedData, splits: tuple[str, ...], settings: EvaluationSettings
+) -> int:
+    """The batches `evaluate_model` will count, so a progress bar knows its end from the start."""
+    batches = functools.partial(_batches_of, batch_size=settings.batch_size)
+    total = batches(settings.num_samples)
+    for split in splits:
+        size = len(data.split(split))
+        total += batches(size) + batches(settings.num_samples)  # FID/KID: real, then generated
+        if isinstance(model, DensityModel):
+            total += batches(size)
+        if isinstance(model, LatentVariableModel):
+            total += 2 * batches(size)  # the ELBO, then the importance-weighted bound
+        if not isinstance(model, DensityModel | LatentVariableModel):
+            total += 1  # the Parzen estimate, counted as one
+        if isinstance(model, ReconstructionModel):
+            total += batches(size)
+    return total
+
+
+def _batches_of(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def _batched(fn, x: Tensor, batch_size: int, on_batch: Callable[[], None]) -> Tensor:
+    results = []
+    for chunk in x.split(batch_size):
+        results.append(fn(chunk))
+        on_batch()
+    return torch.cat(results)
+
+
+def draw_samples(
+    model: GenerativeModel,
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    on_batch: Callable[[], None] = lambda: None,
+) -> Tensor:
     """`n` samples drawn in batches from one seeded generator (repeatable)."""
     sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
-    return torch.cat([model.sample(size, generator=generator).float().cpu() for size in sizes])
+    samples = []
+    for size in sizes:
+        samples.append(model.sample(size, generator=generator).float().cpu())
+        on_batch()
+    return torch.cat(samples)
 
 
 def _generator(device: torch.device, seed: int, purpose: str) -> torch.Generator:
@@ -144,25 +209,32 @@ def evaluate_model(
     *,
     splits: tuple[str, ...] = SPLITS,
     context: dict[str, str] | None = None,
+    on_progress: Callable[[EvaluationProgress], None] | None = None,
 ) -> Evaluation:
     """Score `model` on each of `splits` (binarised for binary models); deterministic for a fixed seed.
 
     The samples are drawn once and scored against every split; draws that depend on the split (the
     VAE's posterior noise, KID's subsets) come from a generator per split. `context` names what
     else decides the scores (the prepared data version, the code) for the evaluation's record.
+    `on_progress` hears of every batch of work done, with the number planned.
     """
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"evaluation splits {unknown}: expected some of {', '.join(SPLITS)}")
     model.eval()
     device = model.device
+    tally = _Tally(_planned_batches(model, data, splits, settings), on_progress)
     samples = draw_samples(
-        model, settings.num_samples, settings.batch_size, _generator(device, settings.seed, "samples")
+        model,
+        settings.num_samples,
+        settings.batch_size,
+        _generator(device, settings.seed, "samples"),
+        tally.batch_of("sampling"),
     )
     images = {"samples": (samples[:GRID_SIZE], None)}
     metrics: dict[str, float] = {}
     for split in splits:
-        scores = _split_metrics(model, data, split, samples, extractor, settings)
+        scores = _split_metrics(model, data, split, samples, extractor, settings, tally)
         metrics.update({f"{split}_{name}": value for name, value in scores.items()})
     if isinstance(model, ReconstructionModel):
         shown_split = _as_tensor(data.split(splits[-1]).for_kind(model.data_kind)).to(device)
@@ -187,6 +259,7 @@ def _split_metrics(
     samples: Tensor,
     extractor: nn.Module,
     settings: EvaluationSettings,
+    tally: _Tally,
 ) -> dict[str, float]:
     """The scores of `model` on one split, names without the split."""
     device, size = model.device, settings.batch_size
@@ -200,17 +273,22 @@ def _split_metrics(
         kid_subset_size=settings.kid_subset_size,
         batch_size=size,
         generator=_generator(torch.device("cpu"), settings.seed, f"kid/{split}"),
+        on_batch=tally.batch_of(f"{split}: FID/KID"),
     )
     if isinstance(model, DensityModel):
-        nll = -_batched(model.log_prob, on_device, size).mean().item()
+        nll = -_batched(model.log_prob, on_device, size, tally.batch_of(f"{split}: NLL")).mean().item()
         metrics.update(nll=nll, bits_per_dim=bits_per_dim(nll, dims))
     if isinstance(model, LatentVariableModel):
         noise = _generator(device, settings.seed, f"posterior/{split}")
-        negative_elbo = -_batched(lambda x: model.elbo(x, generator=noise), on_device, size).mean().item()
+        elbo = _batched(
+            lambda x: model.elbo(x, generator=noise), on_device, size, tally.batch_of(f"{split}: ELBO")
+        )
+        negative_elbo = -elbo.mean().item()
         bound = -_batched(
             lambda x: model.importance_weighted_bound(x, settings.importance_samples, generator=noise),
             on_device,
             size,
+            tally.batch_of(f"{split}: NLL bound"),
         ).mean()
         metrics.update(
             negative_elbo=negative_elbo,
@@ -223,8 +301,12 @@ def _split_metrics(
         tuning = data.train if split == GATE_SPLIT else data.val
         tuning_images = _as_tensor(tuning.for_kind(model.data_kind))
         metrics.update(parzen_estimate(samples, tuning_images, reference, batch_size=size))
+        tally.batch_of(f"{split}: Parzen")()
     if isinstance(model, ReconstructionModel):
-        errors = (_batched(model.reconstruct, on_device, size) - on_device).pow(2).flatten(1).sum(1)
+        reconstructed = _batched(
+            model.reconstruct, on_device, size, tally.batch_of(f"{split}: reconstruction")
+        )
+        errors = (reconstructed - on_device).pow(2).flatten(1).sum(1)
         metrics["reconstruction_sse"] = errors.mean().item()
     return metrics
 

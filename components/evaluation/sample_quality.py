@@ -7,6 +7,7 @@ supplies as a file (such as the Inception-v3 of the FID literature), since nothi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,11 +49,13 @@ def fid_kid(
     kid_subset_size: int = 100,
     batch_size: int = 500,
     generator: torch.Generator | None = None,
+    on_batch: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """FID and KID (mean and std over subsets) between two image sets in [0, 1], N x C x H x W.
 
     KID's subset size is capped by the smaller set, so small test splits still get a score; its
     subsets come from `generator` (by default a fresh one at seed 0), so the score is repeatable.
+    `on_batch` is called after each batch of either set has passed the extractor.
     """
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(
@@ -71,6 +74,7 @@ def fid_kid(
             for chunk in images.float().split(batch_size):
                 fid.update(chunk, real=is_real)
                 kid.update(chunk, real=is_real)
+                on_batch()
         kid_mean, kid_std = kid.compute()
         return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 

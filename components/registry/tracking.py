@@ -29,10 +29,6 @@ from components.evaluation.evaluate import Evaluation
 from components.evaluation.images import image_grid, save_grid
 from components.registry.pyfunc import write_model_package
 
-# Defined where `genpipe status` reads them without torch; the flow imports them from here too.
-from components.registry.store import client_for as client_for
-from components.registry.store import resolve_tracking_uri as resolve_tracking_uri
-
 MAX_PARAM_LENGTH = 6000
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # MLflow 3.17's UI shows GenAI pages (traces, token usage) or model-training pages (runs, registry)

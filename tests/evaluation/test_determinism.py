@@ -87,3 +87,20 @@ def test_every_metric_is_named_by_its_split_and_a_split_does_not_depend_on_the_o
     assert val_only.metrics == {k: v for k, v in both.metrics.items() if k.startswith("val_")}
     with pytest.raises(ValueError, match="train"):
         evaluate_model(model, digits, extractor, "f", SETTINGS, splits=("train",))
+
+
+@pytest.mark.parametrize("name", ["vae", "nade", "dcgan"])
+def test_evaluation_progress_counts_every_batch_up_to_the_planned_total(
+    digits: PreparedData, extractor: Featurizer, name: str
+):
+    model, updates = tiny(name, 0), []
+    settings = EvaluationSettings(**{**SETTINGS.__dict__, "num_samples": 150})  # two sampling batches
+    evaluate_model(model, digits, extractor, "f", settings, on_progress=updates.append)
+    assert [u.done for u in updates] == list(range(1, len(updates) + 1))
+    assert {u.total for u in updates} == {len(updates)}  # the end was known from the first batch
+    activities = list(dict.fromkeys(u.activity for u in updates))
+    scored = {"vae": ["FID/KID", "ELBO", "NLL bound", "reconstruction"], "nade": ["FID/KID", "NLL"]}
+    per_split = scored.get(name, ["FID/KID", "Parzen"])
+    assert activities == ["sampling"] + [
+        f"{split}: {what}" for split in ("val", "test") for what in per_split
+    ]

@@ -13,7 +13,8 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.states import Running
 
-from components.registry.tracking import RunLogger, client_for
+from components.registry.store import client_for
+from components.registry.tracking import RunLogger
 from flows.journal import ABANDONED_TAG, Holder, RunJournal
 from flows.registry_turn import LEASE_S, limit_name, registry_turn
 

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from components.models import list_models
 from components.models.registry import model_class
 from components.registry.models import CHALLENGER, CHAMPION
-from components.registry.tracking import resolve_tracking_uri
+from components.registry.store import resolve_tracking_uri
 from flows.retrain import retrain
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray_checkpoints import registered_step
 
-from components.registry.tracking import resolve_tracking_uri
+from components.registry.store import resolve_tracking_uri
 from flows.journal import ABANDONED_TAG, JOURNAL_FILE
 
 pytestmark = pytest.mark.integration

@@ -96,6 +96,9 @@ def test_progress_bar_in_a_terminal_and_one_line_per_stage_change_when_piped(
     bar_rows = [line for line in text.splitlines() if line.lstrip().startswith(MODEL) and "━" in line]
     assert any(f"{planned}/{planned}" in row for row in bar_rows), text[-3000:]
     assert any("img/s" in row and "epoch 1/1" in row for row in bar_rows)
+    # The same row then counts the evaluation's batches to its end (the VAE's last: test reconstructions).
+    evaluated = [row for row in bar_rows if "test: reconstruction" in row]
+    assert any(re.search(r"\b(\d+)/\1\b", row) for row in evaluated), text[-3000:]
     log_file = Path(re.search(r"Logs: +(\S+\.log)", text).group(1))
     log = log_file.read_text()
     # Prefect's records, and what MLflow prints to stderr when it copies a champion, went to the file.
@@ -115,6 +118,8 @@ def test_progress_bar_in_a_terminal_and_one_line_per_stage_change_when_piped(
     assert stages == ["queued", "training", "evaluating", "registering", "done"], piped.stdout
     evaluating = next(line for line in piped.stdout.splitlines() if re.search(r" vae +evaluating", line))
     assert f"step {planned}/{planned}, epoch 1/1" in evaluating
+    registering = next(line for line in piped.stdout.splitlines() if re.search(r" vae +registering", line))
+    assert re.search(r"\(evaluated: batch (\d+)/\1, test: reconstruction\)", registering), registering
     assert "img/s" not in piped.stdout  # no live rows drawn into a log
     for output in (text, piped.stdout + piped.stderr):
         for nuisance in NUISANCES:

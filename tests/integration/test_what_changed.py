@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from components.registry.tracking import resolve_tracking_uri
+from components.registry.store import resolve_tracking_uri
 
 pytestmark = pytest.mark.integration
 

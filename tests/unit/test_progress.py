@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 
+from components.evaluation.evaluate import EvaluationProgress
 from components.training.trainer import TrainProgress
 from flows.progress import PlainProgress, ProgressFeed, stage_line
 
@@ -25,6 +26,9 @@ def test_plain_form_prints_one_line_per_stage_change_and_what_training_reached()
         for step in (0, 7, 20):
             feed.training("vae", TrainProgress(step, 20, 1, 1, 0.25 if step else None, 1234.0))
         feed.stage("vae", "evaluating")
+        for done in (1, 6):
+            feed.evaluation("vae", EvaluationProgress(done, 6, "test: NLL bound"))
+        feed.stage("vae", "registering")
         feed.stage("vae", "done", "promoted v1")
         with pytest.raises(ValueError, match="unknown stage 'trained'"):
             feed.stage("vae", "trained")
@@ -33,10 +37,12 @@ def test_plain_form_prints_one_line_per_stage_change_and_what_training_reached()
         ["vae", "queued"],
         ["vae", "training"],
         ["vae", "evaluating"],
+        ["vae", "registering"],
         ["vae", "done"],
     ]
     assert lines[2].endswith("(trained: step 20/20, epoch 1/1, loss 0.25, 1,234 images/s)")
-    assert lines[3].endswith("done        promoted v1")
+    assert lines[3].endswith("registering (evaluated: batch 6/6, test: NLL bound)")
+    assert lines[4].endswith("done        promoted v1")
 
 
 def test_stage_lines_go_to_the_log_only_when_no_display_listens():
