@@ -52,12 +52,19 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-def _tracking(project_dir: Path):
+def _store(project_dir: Path) -> tuple[dict, str]:
+    """The project's params and the tracking URI of its store."""
     from components.config import load_params
-    from components.registry.store import client_for, resolve_tracking_uri
+    from components.registry.store import resolve_tracking_uri
 
     params = load_params(project_dir / "params.yaml")
-    uri = resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project_dir)
+    return params, resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project_dir)
+
+
+def _tracking(project_dir: Path):
+    from components.registry.store import client_for
+
+    params, uri = _store(project_dir)
     return params, uri, client_for(uri)
 
 
@@ -145,7 +152,11 @@ def run(
             row["model"], f"[{colour}]{row['status']}[/{colour}]", str(row["version"] or "-"), row["detail"]
         )
     console.print(table)
-    _, uri, _ = _tracking(project_dir)
+    from components.registry.store import client_for, registry_status, remembered
+
+    _, uri = _store(project_dir)
+    # Read while MLflow is loaded anyway: the next `genpipe status` then answers without importing it.
+    remembered(uri, "status", lambda: registry_status(client_for(uri)))
     console.print(f"Results: MLflow at [bold]{uri}[/bold]; weights under {project_dir / 'outputs'}")
     console.print("  Look:       genpipe ui   (MLflow's runs and registry; --prefect adds Prefect's UI)")
     console.print("  Report:     genpipe report -o report.html")
@@ -183,10 +194,10 @@ def status(
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """One row per registered model: champion version, primary metric, data version, when registered."""
-    from components.registry.store import registry_status
+    from components.registry.store import client_for, registry_status, remembered
 
-    _, uri, client = _tracking(project_dir)
-    rows = registry_status(client)
+    _, uri = _store(project_dir)
+    rows = remembered(uri, "status", lambda: registry_status(client_for(uri)))
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -427,16 +438,21 @@ def lineage(
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """What a version was made from, and the commands that reproduce it."""
-    from mlflow.exceptions import MlflowException
-
     from components.registry.lineage import reproduce_commands
+    from components.registry.store import client_for, remembered
 
-    params, _, client = _tracking(project_dir)
+    params, uri = _store(project_dir)
     name = _registered(model, params, project_dir)
-    try:
-        tags = client.get_model_version(name, version).tags
-    except MlflowException as err:
-        raise _fail(f"{name} v{version}: {err.message}") from err
+
+    def version_tags() -> dict[str, str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client_for(uri).get_model_version(name, version).tags
+        except MlflowException as err:
+            raise _fail(f"{name} v{version}: {err.message}") from err
+
+    tags = remembered(uri, f"tags of {name} v{version}", version_tags)
     table = Table(title=f"Lineage of {name} v{version}", show_header=False)
     for key in LINEAGE_KEYS:
         table.add_row(key, tags.get(key, "-"))

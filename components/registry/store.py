@@ -1,14 +1,27 @@
-"""Where the registry lives and what it holds, read with MLflow alone (no torch): for `genpipe status`."""
+"""Where the registry lives and what it holds, read with MLflow alone (no torch): for `genpipe status`.
+
+MLflow is imported only by the functions that talk to it: importing it and opening a SQLite store
+cost about 5 s of CPU on a 2-core machine, most of a `genpipe status`. What a read of a local
+store returns depends only on the database's content, so `remembered` keeps it in a file beside
+the database, keyed by the database files' sizes and modification times: any write to the store
+(genpipe's, the MLflow UI's, another program's) changes the key and the next read asks MLflow again.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DATA_VERSION_TAG, PRIMARY_TAG = "data_version", "primary_metric"
@@ -24,7 +37,59 @@ def resolve_tracking_uri(configured: str | None = None, workdir: str | Path = ".
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def remembered(tracking_uri: str, what: str, read: Callable[[], Any]) -> Any:
+    """`read()` (JSON-serialisable), or what it returned before if the local store has not changed.
+
+    A tracking server has no cheap sign of change, so its reads always go to MLflow; so does a read
+    during which the store changed (its result is not kept).
+    """
+    database = sqlite_file(tracking_uri)
+    if database is None:
+        return read()
+    kept_in = database.with_name(f"{database.name}.genpipe-reads.json")
+    before = _store_state(database)
+    kept: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        kept = json.loads(kept_in.read_text())
+    reads = kept.get("reads", {}) if kept.get("state") == before else {}
+    if what in reads:
+        return reads[what]
+    value = read()
+    if _store_state(database) == before:  # unchanged while read (opening a new store creates it)
+        _write_atomically(kept_in, {"state": before, "reads": {**reads, what: value}})
+    return value
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store; None for any other store."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite" or parsed.path in ("", "/:memory:"):
+        return None
+    return Path(unquote(parsed.path))
+
+
+def _store_state(database: Path) -> list[list[int]]:
+    """Size and modification time of the database and of SQLite's journal files beside it."""
+    state = []
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-journal")):
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            state.append([stat.st_size, stat.st_mtime_ns])
+            continue
+        state.append([])
+    return state
+
+
+def _write_atomically(path: Path, content: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # a read-only directory: the next read asks MLflow again
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
+            json.dump(content, file)
+        os.replace(file.name, path)
 
 
 def registered_name(dataset: str, model: str) -> str:
@@ -33,6 +98,8 @@ def registered_name(dataset: str, model: str) -> str:
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:

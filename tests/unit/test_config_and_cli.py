@@ -120,3 +120,52 @@ def test_read_only_commands_import_neither_torch_nor_ray_nor_prefect(tmp_path):
     )
     assert "Model families" in result.stdout and "Nothing registered yet" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "loaded:"
+
+
+def test_status_and_lineage_read_again_only_after_the_store_changed(tmp_path):
+    """A repeated read of an unchanged SQLite store imports no MLflow; any write to it is seen."""
+    from components.registry.store import client_for, resolve_tracking_uri
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    client = client_for(resolve_tracking_uri(None, tmp_path))
+    client.create_registered_model("digits.vae")
+    for value in ("71.5", "70.25"):
+        client.create_model_version(
+            "digits.vae",
+            (tmp_path / "weights").as_uri(),
+            tags={"primary_metric": "nll_bound", "metric.nll_bound": value, "data_version": "d" * 32},
+        )
+    client.set_registered_model_alias("digits.vae", "champion", "1")
+    read = (
+        "import json, sys; from flows.cli import app\n"
+        "try:\n"
+        "    app(sys.argv[2:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps('mlflow' in sys.modules))\n"
+    )
+
+    def genpipe(*arguments: str) -> tuple[str, bool]:
+        result = subprocess.run(
+            [sys.executable, "-c", read, "-", *arguments, "-C", str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        *shown, imported = result.stdout.strip().splitlines()
+        return "\n".join(shown), imported == "true"
+
+    first, imported = genpipe("status", "--json")
+    assert imported and '"champion": "1"' in first and '"value": "71.5"' in first
+    assert genpipe("status", "--json") == (first, False)
+    client.set_registered_model_alias("digits.vae", "champion", "2")  # as the MLflow UI would
+    moved, imported = genpipe("status", "--json")
+    assert imported and '"champion": "2"' in moved and '"value": "70.25"' in moved
+    assert genpipe("status", "--json") == (moved, False)
+
+    lineage, imported = genpipe("lineage", "digits.vae", "2")
+    assert imported and "d" * 32 in lineage
+    assert genpipe("lineage", "digits.vae", "2") == (lineage, False)
+    missing, _ = genpipe("lineage", "digits.vae", "9")
+    assert "digits.vae v9" in missing
