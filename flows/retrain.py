@@ -36,7 +36,6 @@ from components.evaluation.evaluate import (
     feature_extractor_id,
 )
 from components.models import GenerativeModel
-from components.models.registry import model_class
 from components.registry.lineage import (
     FINGERPRINT_TAG,
     changed_inputs,
@@ -59,7 +58,7 @@ from components.registry.models import (
 from components.registry.store import client_for, resolve_tracking_uri
 from components.registry.tracking import RunLogger
 from components.report.page import report_html
-from components.training.jobs import scaling, train_job, train_model
+from components.training.jobs import check_models_fit, scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
 from components.training.trainer import load_model_dir
 from flows.journal import JOURNAL_FILE, Holder, ProjectHeld, RunJournal, holder_of
@@ -174,18 +173,15 @@ def prepare_data(project_dir: str, raw_dir: str, data_rev: str | None) -> str:
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[Plan]:
-    """Decide, per model, whether its inputs changed since its last registered version."""
+    """Decide, per model, whether its inputs changed since its last registered version; first check
+    that every model can be built for the data, so a misfit stops the run before anything trains."""
     logger = get_run_logger()
+    check_models_fit(inputs.params, models, inputs.data().image_shape)
     client = client_for(inputs.tracking_uri)
     plans = []
     for model in models:
-        try:
-            model_class(model)
-            current = _model_inputs(inputs, model)
-            fingerprint = inputs_fingerprint(current)
-        except ValueError as err:
-            plans.append(Plan(model, "train", str(err)))  # its train task fails with this message
-            continue
+        current = _model_inputs(inputs, model)
+        fingerprint = inputs_fingerprint(current)
         name = inputs.registered_name(model)
         existing = version_with_tag(client, name, FINGERPRINT_TAG, fingerprint)
         if existing is not None and not force:

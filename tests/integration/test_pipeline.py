@@ -133,13 +133,27 @@ def test_worse_candidate_does_not_move_champion(trained_project):
     )
 
 
-def test_a_failing_model_fails_its_branch_only(trained_project):
-    state = run_flow(trained_project, ["vae", "no-such-model"])
+def test_a_model_that_cannot_be_built_stops_the_run_before_anything_trains(trained_project):
+    client = client_for(trained_project)
+    runs_before = len(client.search_runs([client.get_experiment_by_name("genpipe").experiment_id]))
+    versions_before = len(client.search_model_versions("name = 'digits.vae'"))
+    state = run_flow(trained_project, ["vae", "no-such-model"], force=True)
     assert state.is_failed()
-    assert "no-such-model" in state.message and "unknown model" in state.message
+    assert "no-such-model: unknown model 'no-such-model'" in state.message
+    assert "1 of 2 model(s) cannot be built for the prepared 1x8x8 images" in state.message
+    assert len(client.search_model_versions("name = 'digits.vae'")) == versions_before
+    runs = client.search_runs([client.get_experiment_by_name("genpipe").experiment_id])
+    assert len(runs) == runs_before + 1 and runs[0].info.status == "FAILED"  # only the pipeline's parent run
+
+
+def test_a_model_failing_in_training_fails_its_branch_only(trained_project):
+    # A NaN learning rate builds fine and blows up at the first step: fvsbn's training diverges.
+    state = run_flow(trained_project, ["vae", "fvsbn"], per_model={"fvsbn": {"lr": float("nan")}})
+    assert state.is_failed()
+    assert "fvsbn" in state.message and "diverged" in state.message
     summary = {row["model"]: row for row in state.result(raise_on_failure=False)}
     assert summary["vae"]["status"] in ("promoted", "kept champion", "skipped")
-    assert summary["no-such-model"]["status"] == "failed"
+    assert summary["fvsbn"]["status"] == "failed"
 
 
 def test_scheduled_deployment_has_its_cron_schedule(prefect_server, tmp_path):

@@ -44,21 +44,26 @@ def made_masks(
     no hidden unit is cut off from every input and none waits on the last pixel, which no output
     needs.
     """
-    generator = torch.Generator().manual_seed(seed)
-    orderings = [] if random_order else [torch.arange(num_dims)]
-    orderings += [torch.randperm(num_dims, generator=generator) for _ in range(num_masks - len(orderings))]
-    layer_masks: list[list[Tensor]] = [[] for _ in range(num_layers + 1)]
-    for order in orderings:
-        input_degree = torch.empty(num_dims, dtype=torch.long)
-        input_degree[order] = torch.arange(num_dims)
-        below = input_degree
-        for layer in range(num_layers):
-            degree = torch.randint(int(below.min()), num_dims - 1, (hidden,), generator=generator)
-            layer_masks[layer].append((degree[:, None] >= below[None, :]).float())
-            below = degree
-        output_degree = input_degree.repeat_interleave(params_per_dim)
-        layer_masks[-1].append((output_degree[:, None] > below[None, :]).float())
-    return torch.stack(orderings), [torch.stack(masks) for masks in layer_masks]
+    # Drawn on the CPU whatever the default device: also where a model is built on PyTorch's meta
+    # device to check that it can be built (its masks are data, not parameters).
+    with torch.device("cpu"):
+        generator = torch.Generator().manual_seed(seed)
+        orderings = [] if random_order else [torch.arange(num_dims)]
+        orderings += [
+            torch.randperm(num_dims, generator=generator) for _ in range(num_masks - len(orderings))
+        ]
+        layer_masks: list[list[Tensor]] = [[] for _ in range(num_layers + 1)]
+        for order in orderings:
+            input_degree = torch.empty(num_dims, dtype=torch.long)
+            input_degree[order] = torch.arange(num_dims)
+            below = input_degree
+            for layer in range(num_layers):
+                degree = torch.randint(int(below.min()), num_dims - 1, (hidden,), generator=generator)
+                layer_masks[layer].append((degree[:, None] >= below[None, :]).float())
+                below = degree
+            output_degree = input_degree.repeat_interleave(params_per_dim)
+            layer_masks[-1].append((output_degree[:, None] > below[None, :]).float())
+        return torch.stack(orderings), [torch.stack(masks) for masks in layer_masks]
 
 
 @register_model("made")
