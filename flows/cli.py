@@ -152,11 +152,7 @@ def run(
             row["model"], f"[{colour}]{row['status']}[/{colour}]", str(row["version"] or "-"), row["detail"]
         )
     console.print(table)
-    from components.registry.store import client_for, registry_status, remembered
-
     _, uri = _store(project_dir)
-    # Read while MLflow is loaded anyway: the next `genpipe status` then answers without importing it.
-    remembered(uri, "status", lambda: registry_status(client_for(uri)))
     console.print(f"Results: MLflow at [bold]{uri}[/bold]; weights under {project_dir / 'outputs'}")
     console.print("  Look:       genpipe ui   (MLflow's runs and registry; --prefect adds Prefect's UI)")
     console.print("  Report:     genpipe report -o report.html")
@@ -194,10 +190,10 @@ def status(
     project_dir: ProjectDir = Path("."),
 ) -> None:
     """One row per registered model: champion version, primary metric, data version, when registered."""
-    from components.registry.store import client_for, registry_status, remembered
+    from components.registry.store import status_rows
 
     _, uri = _store(project_dir)
-    rows = remembered(uri, "status", lambda: registry_status(client_for(uri)))
+    rows = status_rows(uri)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -383,9 +379,9 @@ def promote(
     from mlflow.exceptions import MlflowException
 
     from components.registry.models import promote_manually, publish_to_production
-    from components.registry.store import client_for
+    from components.registry.store import client_for, status_rows
 
-    params, _, client = _tracking(project_dir)
+    params, uri, client = _tracking(project_dir)
     name = _registered(model, params, project_dir)
     registry = params["registry"]
     try:
@@ -396,6 +392,7 @@ def promote(
         published = publish_to_production(client, name, version, registry["production_prefix"], production)
     except MlflowException as err:
         raise _fail(f"{name} v{version}: {err.message}") from err
+    status_rows(uri)
     console.print(
         f"{name}: champion -> v{version} ({reason}); published as {published.name} v{published.version}"
     )
@@ -405,13 +402,15 @@ def promote(
 def rollback(model: ModelArgument, project_dir: ProjectDir = Path(".")) -> None:
     """Move champion back to the previous champion."""
     from components.registry.models import rollback as roll_back
+    from components.registry.store import status_rows
 
-    params, _, client = _tracking(project_dir)
+    params, uri, client = _tracking(project_dir)
     name = _registered(model, params, project_dir)
     try:
         current, previous = roll_back(client, name)
     except LookupError as err:
         raise _fail(str(err)) from err
+    status_rows(uri)
     console.print(f"{name}: champion v{current} -> v{previous}")
 
 

@@ -55,7 +55,7 @@ from components.registry.models import (
     registered_name,
     version_with_tag,
 )
-from components.registry.store import client_for, resolve_tracking_uri
+from components.registry.store import client_for, resolve_tracking_uri, status_rows
 from components.registry.tracking import RunLogger
 from components.report.page import report_html
 from components.training.jobs import check_models_fit, scaling, train_job, train_model
@@ -525,6 +525,7 @@ def retrain(
         _log_report(parent, inputs)
         parent.set_tags({"failed_models": ",".join(r.model for r in failed), "run_by": getpass.getuser()})
         parent.finish("FAILED" if failed else "FINISHED")
+        status_rows(tracking_uri)  # the last read of the run: `genpipe status` finds it without MLflow
 
     for result in results:
         logger.info("%-10s %-14s %s", result.model, result.status, result.detail)

@@ -106,6 +106,15 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         return None
 
 
+def status_rows(tracking_uri: str) -> list[dict[str, str]]:
+    """`registry_status` of the store, remembered until the store changes (see `remembered`).
+
+    The commands that write to the registry call it last, while MLflow is loaded anyway, so the next
+    `genpipe status` finds the registry as they left it without importing MLflow.
+    """
+    return remembered(tracking_uri, "status", lambda: registry_status(client_for(tracking_uri)))
+
+
 def registry_status(client: MlflowClient) -> list[dict[str, str]]:
     """One row per registered model: champion version, its primary metric, data version, when."""
     rows = []

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from components.models import list_models
 from components.models.registry import model_class
 from components.registry.models import CHALLENGER, CHAMPION
-from components.registry.store import resolve_tracking_uri
+from components.registry.store import registry_status, remembered, resolve_tracking_uri
 from flows.retrain import retrain
 
 pytestmark = pytest.mark.integration
@@ -154,6 +154,10 @@ def test_a_model_failing_in_training_fails_its_branch_only(trained_project):
     summary = {row["model"]: row for row in state.result(raise_on_failure=False)}
     assert summary["vae"]["status"] in ("promoted", "kept champion", "skipped")
     assert summary["fvsbn"]["status"] == "failed"
+    # The run's last read is the registry's status, kept for `genpipe status` to find without MLflow.
+    uri = resolve_tracking_uri(None, trained_project)
+    kept = remembered(uri, "status", lambda: pytest.fail("the run's last status read was not kept"))
+    assert kept == registry_status(client_for(trained_project))
 
 
 def test_scheduled_deployment_has_its_cron_schedule(prefect_server, tmp_path):
