@@ -35,7 +35,8 @@ from common import data_arguments, load_data, machine, write_results
 from components.data.prepared import SPLITS, PreparedData, Split
 from components.models import DensityModel, LatentVariableModel, bits_per_dim, create_model
 from components.models.autoregressive import AutoregressiveImageModel
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training
+from components.models.model_dir import load_model_dir
+from components.training.trainer import LocalContext, TrainJob, run_training
 
 RESULTS = Path(__file__).with_name("RESULTS-density.md")
 IMPORTANCE_SAMPLES = 100

@@ -34,7 +34,7 @@ from ray.train.torch import TorchTrainer
 from scaling import FreshContext  # a RayContext in which every training starts afresh
 
 from components.models import create_model
-from components.models.registry import list_models, model_class
+from components.models.factory import list_models, model_class
 from components.training.ray_train import Scaling, progress_feed
 from components.training.trainer import PROGRESS_INTERVAL_S, TrainJob, TrainProgress, run_training
 

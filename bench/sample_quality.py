@@ -36,8 +36,9 @@ from components.evaluation.images import save_grid
 from components.evaluation.parzen import parzen_estimate
 from components.evaluation.sample_quality import fid_kid
 from components.models import DensityModel
-from components.models.registry import list_models, model_class
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training
+from components.models.factory import list_models, model_class
+from components.models.model_dir import load_model_dir
+from components.training.trainer import LocalContext, TrainJob, run_training
 
 RESULTS = Path(__file__).with_name("RESULTS-sample-quality.md")
 IMAGES = Path(__file__).with_name("results")

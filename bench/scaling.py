@@ -44,7 +44,7 @@ import torch
 from components.data.prepared import PreparedData, load_prepared, prepare
 from components.data.raw import builtin_digits, write_raw
 from components.models import create_model
-from components.models.registry import list_models, model_class
+from components.models.factory import list_models, model_class
 from components.training.ray_train import REPORT_POLL_ENV, RayContext, Scaling, collect_reports_promptly
 from components.training.trainer import TrainJob, run_training
 

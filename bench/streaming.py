@@ -41,7 +41,7 @@ from common import machine
 from components.data.prepared import PreparedData, load_prepared, prepare
 from components.data.raw import RawDataset, builtin_digits, write_raw
 from components.models import create_model
-from components.models.registry import model_class
+from components.models.factory import model_class
 from components.training.ray_train import (
     Scaling,
     ray_cluster,

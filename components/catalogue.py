@@ -3,7 +3,7 @@
 A family is a class decorated with `@register_model("name")` in `components/models/families/`. Its
 kind and primary metric are class attributes found along its bases (in method resolution order,
 across the modules it imports them from), and its hyper-parameters are the keyword-only arguments
-of the first `__init__` on that order, as `registry.hyperparameters` inspects them at run time.
+of the first `__init__` on that order, as `factory.hyperparameters` inspects them at run time.
 """
 
 from __future__ import annotations

@@ -338,7 +338,7 @@ def sample(
 
     from components.data.raw import DataError, dataset_name
     from components.evaluation.images import save_grid
-    from components.registry.models import load_version, registered_name, version_by_alias
+    from components.registry.versions import load_version, registered_name, version_by_alias
 
     params, _, client = _tracking(project_dir)
     try:
@@ -378,8 +378,8 @@ def promote(
     """Make a version champion by hand (recorded, and published to production)."""
     from mlflow.exceptions import MlflowException
 
-    from components.registry.models import promote_manually, publish_to_production
     from components.registry.store import client_for, status_rows
+    from components.registry.versions import promote_manually, publish_to_production
 
     params, uri, client = _tracking(project_dir)
     name = _registered(model, params, project_dir)
@@ -401,8 +401,8 @@ def promote(
 @app.command()
 def rollback(model: ModelArgument, project_dir: ProjectDir = Path(".")) -> None:
     """Move champion back to the previous champion."""
-    from components.registry.models import rollback as roll_back
     from components.registry.store import status_rows
+    from components.registry.versions import rollback as roll_back
 
     params, uri, client = _tracking(project_dir)
     name = _registered(model, params, project_dir)

@@ -36,6 +36,7 @@ from components.evaluation.evaluate import (
     feature_extractor_id,
 )
 from components.models import GenerativeModel
+from components.models.model_dir import load_model_dir
 from components.registry.lineage import (
     FINGERPRINT_TAG,
     changed_inputs,
@@ -45,7 +46,9 @@ from components.registry.lineage import (
     package_versions,
     params_hash,
 )
-from components.registry.models import (
+from components.registry.store import client_for, resolve_tracking_uri, status_rows
+from components.registry.tracking import RunLogger
+from components.registry.versions import (
     PromotionPolicy,
     decide_promotion,
     describe_version,
@@ -55,12 +58,9 @@ from components.registry.models import (
     registered_name,
     version_with_tag,
 )
-from components.registry.store import client_for, resolve_tracking_uri, status_rows
-from components.registry.tracking import RunLogger
 from components.report.page import report_html
 from components.training.jobs import check_models_fit, scaling, train_job, train_model
 from components.training.ray_train import ray_cluster
-from components.training.trainer import load_model_dir
 from flows.journal import JOURNAL_FILE, Holder, ProjectHeld, RunJournal, holder_of
 from flows.logs import quiet_tool_notices
 from flows.progress import feed

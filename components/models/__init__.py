@@ -7,7 +7,7 @@ from components.models.base import (
     ReconstructionModel,
     bits_per_dim,
 )
-from components.models.registry import ModelSpec, create_model, hyperparameters, list_models, register_model
+from components.models.factory import ModelSpec, create_model, hyperparameters, list_models, register_model
 
 __all__ = [
     "DensityModel",

@@ -124,7 +124,7 @@ def code_closure(entry_points: tuple[str, ...] | list[str], root: Path = CODE_RO
 def code_fingerprint(model: str, root: Path = CODE_ROOT) -> dict[str, str]:
     """Source hash of every project file that training and evaluating `model` executes, by path."""
     # Imported here, not above: `genpipe lineage` reads this module's other functions without torch.
-    from components.models.registry import model_class
+    from components.models.factory import model_class
 
     modules = code_closure([model_class(model).__module__, *SHARED_ENTRY_POINTS], root)
     files = sorted({_module_file(module, root) for module in modules})

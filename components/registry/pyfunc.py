@@ -18,7 +18,7 @@ import torch
 import yaml
 from mlflow.models import Model
 
-from components.training.trainer import SPEC_FILE, WEIGHTS_FILE, load_model_dir
+from components.models.model_dir import SPEC_FILE, WEIGHTS_FILE, load_model_dir
 
 DATA_DIR = "data"
 

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from components.data.prepared import PreparedData
 from components.evaluation.evaluate import GRID_SIZE
 from components.evaluation.images import image_grid
-from components.models.registry import model_class
-from components.registry.models import CHAMPION, DATA_VERSION_TAG, PRIMARY_TAG, MetricInfo, metric_info
+from components.models.factory import model_class
 from components.registry.tracking import SAMPLES_ARTIFACT
+from components.registry.versions import CHAMPION, DATA_VERSION_TAG, PRIMARY_TAG, MetricInfo, metric_info
 
 TRAINING_CURVE_PREFIX = "train/"
 

@@ -11,7 +11,7 @@ import torch
 from components.config import train_settings
 from components.data.prepared import PreparedData
 from components.models import create_model
-from components.models.registry import model_class
+from components.models.factory import model_class
 from components.training.ray_train import Scaling, train_on_ray
 from components.training.trainer import TrainJob, TrainOutcome, TrainProgress
 

@@ -22,14 +22,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from components.models import GenerativeModel, ModelSpec, create_model
+from components.models.model_dir import load_weights, save_model_dir
 from components.training.batches import BatchSource, DeviceBatches
 
-WEIGHTS_FILE = "weights.safetensors"
-SPEC_FILE = "model.json"
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
 PROGRESS_SAMPLES_FILE = "progress_samples.npz"
@@ -153,29 +151,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32":
         return None
     raise ValueError(f"params.yaml train.precision={precision!r}: expected auto, fp32 or bf16")
-
-
-def save_model_dir(model: GenerativeModel, directory: Path) -> None:
-    """Weights as safetensors plus the spec to rebuild the module: loading never unpickles code."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / WEIGHTS_FILE))
-    (directory / SPEC_FILE).write_text(json.dumps(model.spec.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
-    """Rebuild a model saved by `save_model_dir`; a missing or mismatched file is a clear error."""
-    directory = Path(directory)
-    spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
-    for path in (spec_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; not a genpipe model directory")
-    spec = ModelSpec.from_dict(json.loads(spec_path.read_text()))
-    model = create_model(spec.name, spec.image_shape, **spec.hparams)
-    try:
-        load_model(model, str(weights_path), device=str(device))
-    except Exception as err:  # safetensors raises several types for corrupt or mismatched files
-        raise ValueError(f"{weights_path}: cannot load weights for model {spec.name!r} ({err})") from err
-    return model.to(device).eval()
 
 
 def run_training(
@@ -382,7 +357,7 @@ def _checkpoint(
 
 
 def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[int, int, dict, dict]:
-    load_model(model, str(directory / WEIGHTS_FILE), device=str(ctx.device))
+    load_weights(model, directory, ctx.device)
     state = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])

@@ -15,9 +15,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components.models import list_models
-from components.models.registry import model_class
-from components.registry.models import CHALLENGER, CHAMPION
+from components.models.factory import model_class
 from components.registry.store import registry_status, remembered, resolve_tracking_uri
+from components.registry.versions import CHALLENGER, CHAMPION
 from flows.retrain import retrain
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from components.registry.models import CHAMPION
 from components.registry.tracking import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING,
@@ -27,6 +26,7 @@ from components.registry.tracking import (
     resolve_tracking_uri,
     ui_model_url,
 )
+from components.registry.versions import CHAMPION
 from flows.cli import app
 from flows.retrain import REPORT_ARTIFACT, retrain
 from tests.conftest import PROJECT_ROOT, free_port, http_ok, wait_until

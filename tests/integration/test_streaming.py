@@ -11,6 +11,7 @@ from ray_checkpoints import CrashAfterCheckpoint, SimulatedCrash
 from components.config import load_params
 from components.data.prepared import load_prepared, prepare
 from components.models import create_model
+from components.models.model_dir import load_model_dir
 from components.training.batches import DeviceBatches, StreamedBatches
 from components.training.jobs import train_model
 from components.training.ray_train import (
@@ -21,14 +22,7 @@ from components.training.ray_train import (
     stream_settings,
     streamed_batches,
 )
-from components.training.trainer import (
-    LocalContext,
-    TrainJob,
-    load_model_dir,
-    read_outcome,
-    run_training,
-    seed_everything,
-)
+from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training, seed_everything
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 

@@ -10,7 +10,7 @@ import pytest
 from flaky_proxy import FlakyProxy
 from mlflow.tracking import MlflowClient
 
-from components.registry.models import CHALLENGER, CHAMPION
+from components.registry.versions import CHALLENGER, CHAMPION
 from flows.retrain import retrain
 
 pytestmark = pytest.mark.integration

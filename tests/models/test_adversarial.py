@@ -13,14 +13,8 @@ from torch import nn
 from components.data.prepared import PreparedData
 from components.models import create_model
 from components.models.adversarial import AdversarialModel, gradient_penalty, r1_penalty
-from components.training.trainer import (
-    STATE_FILE,
-    LocalContext,
-    TrainJob,
-    load_model_dir,
-    read_outcome,
-    run_training,
-)
+from components.models.model_dir import load_model_dir
+from components.training.trainer import STATE_FILE, LocalContext, TrainJob, read_outcome, run_training
 
 FAMILIES = ("gan", "dcgan", "wgan", "wgan-gp", "stylegan")
 SHAPES = [(1, 8, 8), (1, 28, 28), (1, 1, 2), (3, 5, 7)]

@@ -9,7 +9,8 @@ import torch
 
 from components.data.prepared import PreparedData
 from components.models import ReconstructionModel, create_model
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training, save_model_dir
+from components.models.model_dir import load_model_dir, save_model_dir
+from components.training.trainer import LocalContext, TrainJob, run_training
 
 FAMILIES = ("ae", "dae", "vaegan")
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 12, 10)]

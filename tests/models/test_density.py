@@ -18,9 +18,10 @@ from scipy.stats import chisquare
 
 from components.models import create_model
 from components.models.autoregressive import AutoregressiveImageModel
+from components.models.factory import model_class
 from components.models.families.made import MADE
-from components.models.registry import model_class
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training
+from components.models.model_dir import load_model_dir
+from components.training.trainer import LocalContext, TrainJob, run_training
 
 FAMILIES = ("fvsbn", "nade", "made", "pixelcnn", "pixelrnn")
 

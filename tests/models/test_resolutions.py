@@ -11,7 +11,8 @@ import torch
 
 from components.models import create_model
 from components.models.layers import ConvEncoder, downsampling_stages
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, read_outcome, run_training
+from components.models.model_dir import load_model_dir
+from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]
 # Tiny widths: the point is the shapes and the phases, not the capacity.

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from components.models import create_model
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, run_training
+from components.models.model_dir import load_model_dir
+from components.training.trainer import LocalContext, TrainJob, run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,10 @@ from mlflow.tracking import MlflowClient
 
 from components.evaluation.evaluate import Evaluation
 from components.models import create_model
-from components.registry.models import (
+from components.models.model_dir import save_model_dir
+from components.registry.pyfunc import TamperedArtifact
+from components.registry.tracking import RunLogger
+from components.registry.versions import (
     CHALLENGER,
     CHAMPION,
     PromotionPolicy,
@@ -22,9 +25,6 @@ from components.registry.models import (
     register_version,
     rollback,
 )
-from components.registry.pyfunc import TamperedArtifact
-from components.registry.tracking import RunLogger
-from components.training.trainer import save_model_dir
 
 NAME = "digits.vae"
 DATA = "data-v1"

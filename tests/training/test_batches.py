@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from components.models import create_model
+from components.models.model_dir import load_model_dir
 from components.training.batches import DeviceBatches, StreamedBatches, streamed_batches_per_epoch
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, read_outcome, run_training
+from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training
 
 BATCH = 128
 

@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from components.models import create_model
-from components.training.trainer import (
-    LocalContext,
-    TrainJob,
-    _first_images,
-    load_model_dir,
-    read_outcome,
-    run_training,
-)
+from components.models.model_dir import load_model_dir
+from components.training.trainer import LocalContext, TrainJob, _first_images, read_outcome, run_training
 
 TINY = {"vae": {"latent_dim": 4, "channels": 8, "hidden": 32}, "ae": {}}
 

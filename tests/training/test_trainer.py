@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from components.models import create_model
-from components.training.trainer import LocalContext, TrainJob, load_model_dir, read_outcome, run_training
+from components.models.model_dir import load_model_dir
+from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training
 
 
 def vae_job(digits, epochs: int) -> TrainJob:

@@ -93,7 +93,7 @@ def test_the_cli_turns_usage_reports_off_unless_the_user_chose():
 def test_the_static_family_catalogue_matches_the_families_classes():
     from components.catalogue import family_catalogue
     from components.models import hyperparameters, list_models
-    from components.models.registry import model_class
+    from components.models.factory import model_class
 
     catalogue = {entry.name: entry for entry in family_catalogue()}
     assert sorted(catalogue) == list_models()

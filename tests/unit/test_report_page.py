@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 
-from components.registry.models import metric_info
 from components.registry.summary import FamilySummary, RegistrySummary, VersionScore, png_bytes
+from components.registry.versions import metric_info
 from components.report.page import render_report
 from components.report.plots import Series, line_chart, nice_ticks
 

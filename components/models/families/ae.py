@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from components.models.base import ReconstructionModel
+from components.models.factory import register_model
 from components.models.layers import ConvDecoder, ConvEncoder
-from components.models.registry import register_model
 
 FIT_BATCH_SIZE = 1000  # images encoded at once when fitting the code Gaussian
 JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)  # diagonal loads tried, as fractions of mean variance

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from components.models.factory import register_model
 from components.models.families.ae import ConvAutoencoder
-from components.models.registry import register_model
 
 NOISE_TYPES = ("gaussian", "masking", "salt_pepper")
 

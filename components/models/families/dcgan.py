@@ -19,7 +19,7 @@ import math
 from torch import Tensor, nn
 
 from components.models.adversarial import AdversarialModel, crop_center, pad_center, power_of_two_canvas
-from components.models.registry import register_model
+from components.models.factory import register_model
 
 
 def _stage_channels(canvas: int, width: int) -> list[int]:

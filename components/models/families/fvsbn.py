@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from components.models.autoregressive import AutoregressiveImageModel, Conditional, MaskedLinear
-from components.models.registry import register_model
+from components.models.factory import register_model
 
 
 @register_model("fvsbn")

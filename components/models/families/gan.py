@@ -14,7 +14,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from components.models.adversarial import AdversarialModel
-from components.models.registry import register_model
+from components.models.factory import register_model
 
 
 def mlp(sizes: list[int], activation: Callable[[], nn.Module]) -> nn.Sequential:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from components.models.autoregressive import AutoregressiveImageModel, Conditional, MaskedLinear
-from components.models.registry import register_model
+from components.models.factory import register_model
 
 
 def made_masks(

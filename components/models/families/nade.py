@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from components.models.autoregressive import AutoregressiveImageModel, Conditional
-from components.models.registry import register_model
+from components.models.factory import register_model
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 

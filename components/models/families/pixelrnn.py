@@ -38,7 +38,7 @@ from components.models.autoregressive import (
     output_head,
     subpixel_params,
 )
-from components.models.registry import register_model
+from components.models.factory import register_model
 
 LSTMState = tuple[Tensor, Tensor]
 

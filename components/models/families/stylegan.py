@@ -41,7 +41,7 @@ from components.models.adversarial import (
     r1_penalty,
     standard_normal,
 )
-from components.models.registry import register_model
+from components.models.factory import register_model
 
 LAYERS_PER_BLOCK = 2
 

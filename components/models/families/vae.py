@@ -18,9 +18,9 @@ from torch import Tensor
 
 from components.models.autoregressive import subpixel_params
 from components.models.base import LatentVariableModel, PixelForm
+from components.models.factory import register_model
 from components.models.layers import ConvDecoder, ConvEncoder, GaussianLatent, gaussian_log_density
 from components.models.pixels import resolve_pixels, subpixel_distribution
-from components.models.registry import register_model
 
 
 @register_model("vae")

@@ -21,6 +21,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from components.models.base import ReconstructionModel
+from components.models.factory import register_model
 from components.models.families.ae import reconstruction_sse
 from components.models.layers import (
     ConvDecoder,
@@ -29,7 +30,6 @@ from components.models.layers import (
     strided_feature_size,
     strided_features,
 )
-from components.models.registry import register_model
 
 
 def frozen(module: nn.Module, *inputs: Tensor):

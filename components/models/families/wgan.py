@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from components.models.adversarial import AdversarialModel, Wasserstein, gradient_penalty
+from components.models.factory import register_model
 from components.models.families.dcgan import DCGANDiscriminator, DCGANGenerator
-from components.models.registry import register_model
 
 
 class _WassersteinGAN(AdversarialModel):

@@ -1,4 +1,4 @@
-"""Families register themselves by name; everything else builds models through `create_model`.
+"""The family factory: families register themselves by name; everything else builds models through `create_model`.
 
 Every module in `components.models.families` is imported on first use, so adding a family is one
 new module with a `@register_model("name")` class and nothing else.

@@ -24,12 +24,12 @@ from mlflow.tracking import MlflowClient
 
 from components.evaluation.evaluate import GATE_SPLIT, REPORT_SPLIT, SPLITS, Evaluation
 from components.models import GenerativeModel
+from components.models.model_dir import load_model_dir
 from components.registry.pyfunc import DATA_DIR, TamperedArtifact, verify
 from components.registry.store import CHALLENGER, CHAMPION, DATA_VERSION_TAG, PRIMARY_TAG
 from components.registry.store import alias_version as _alias_version
 from components.registry.store import registered_name as registered_name  # the flow imports it from here
 from components.registry.tracking import SAMPLES_ARTIFACT, experiment_id, ui_artifact_path
-from components.training.trainer import load_model_dir
 
 EXTRACTOR_TAG = "feature_extractor"
 WEIGHTS_TAG = "weights_sha256"
