@@ -46,12 +46,12 @@ class TrainJob:
     epochs: int
     batch_size: int  # per worker
     lr: float
-    seed: int = 0
-    precision: str = "auto"  # "auto" | "fp32" | "bf16"
-    checkpoint_every_steps: int = 500
-    channels_last: bool = True
-    compile: bool = False
-    sample_every_epochs: int = 0  # a small grid of samples every this many epochs and at the end; 0: none
+    seed: int
+    precision: str  # "auto" | "fp32" | "bf16"
+    checkpoint_every_steps: int
+    compile: bool
+    sample_every_epochs: int  # a small grid of samples every this many epochs and at the end; 0: none
+    channels_last: bool = True  # on CUDA; not a setting of params.yaml
 
     @property
     def spec(self) -> ModelSpec:
@@ -239,7 +239,7 @@ def run_training(
             model.eval()
             with torch.no_grad():
                 metrics.update({k: float(v) for k, v in model.validation_metrics(val).items()})
-                if job.samples_due(epoch + 1):
+                if job.samples_due(epoch + 1) and not bad:  # no drawing from non-finite weights
                     progress[epoch + 1] = _progress_samples(model, batches.whole_split(), job.seed)
         metrics.update(epoch=epoch + 1, step=step)
         history.append(metrics)

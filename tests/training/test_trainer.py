@@ -16,7 +16,15 @@ from components.training.trainer import LocalContext, TrainJob, read_outcome, ru
 def vae_job(digits, epochs: int) -> TrainJob:
     spec = create_model("vae", digits.image_shape, latent_dim=4, channels=8, hidden=32).spec
     return TrainJob(
-        model=spec.to_dict(), epochs=epochs, batch_size=128, lr=1e-3, seed=3, checkpoint_every_steps=0
+        model=spec.to_dict(),
+        epochs=epochs,
+        batch_size=128,
+        lr=1e-3,
+        seed=3,
+        checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
 
 
@@ -82,3 +90,16 @@ def test_progress_is_paced_and_ends_at_the_planned_step(digits, tmp_path, monkey
     updates.clear()
     run_training(job, digits.train.images, x_val, LocalContext(tmp_path / "b", on_progress=updates.append))
     assert [u.step for u in updates] == [0, planned]  # the first and the last, nothing between
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_diverging_epoch_is_reported_not_sampled_from(digits, tmp_path):
+    """A sample grid is due at the last epoch; weights that became non-finite are not drawn from
+    (which would raise inside the sampler), the divergence is reported instead."""
+    from dataclasses import replace
+
+    job = replace(vae_job(digits, epochs=1), lr=1e4, sample_every_epochs=1)  # Adam: weights move by ~lr
+    run_training(job, digits.train.images, digits.val.binary.astype(np.float32), LocalContext(tmp_path))
+    outcome = read_outcome(tmp_path)
+    assert outcome.diverged and "non-finite at epoch 1" in outcome.diverged
+    assert outcome.progress_samples == {}
