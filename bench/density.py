@@ -176,6 +176,9 @@ def run_one(name: str, hparams: dict, data: PreparedData, args, seed: int, out: 
         lr=args.lr,
         seed=seed,
         checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
     start = time.perf_counter()
     kind = create_model(name, data.image_shape, **hparams).data_kind

@@ -90,7 +90,17 @@ def main() -> None:
         spec = create_model(args.family, data.image_shape).spec
         binary = model_class(args.family).data_kind_for(spec.image_shape, spec.hparams) == "binary"
         val = data.val.binary.astype(np.float32) if binary else data.val.images
-        job = TrainJob(spec.to_dict(), args.epochs, args.batch_size, 1e-3, checkpoint_every_steps=0)
+        job = TrainJob(
+            spec.to_dict(),
+            args.epochs,
+            args.batch_size,
+            1e-3,
+            checkpoint_every_steps=0,
+            seed=0,
+            precision="auto",
+            compile=False,
+            sample_every_epochs=0,
+        )
         ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
         received: list[TrainProgress] = []
         try:

@@ -106,6 +106,10 @@ def _bench_worker(config: dict) -> None:
             batch_size=config["batch_size"],
             lr=LR,
             checkpoint_every_steps=0,
+            seed=0,
+            precision="auto",
+            compile=False,
+            sample_every_epochs=0,
         )
         val = data["val_binary"] if binary else data["val"]
         seconds = {}

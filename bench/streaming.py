@@ -155,7 +155,17 @@ def main() -> None:
         steps_per_epoch = math.ceil(num_train / batch_size)
         epochs = 1 if args.memory_steps else args.epochs
         spec = create_model(args.family, meta.image_shape).spec
-        job = TrainJob(model=spec.to_dict(), epochs=epochs, batch_size=batch_size, lr=1e-3, seed=0)
+        job = TrainJob(
+            model=spec.to_dict(),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=1e-3,
+            seed=0,
+            precision="auto",
+            checkpoint_every_steps=500,
+            compile=False,
+            sample_every_epochs=0,
+        )
         del meta
         rows = []
         with ray_cluster():

@@ -12,11 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from components.config import Params
 
 # genpipe runs offline: the tools it drives send no usage reports (and Prefect's temporary server
 # skips a heartbeat that contends for its SQLite database). A user's own setting wins.
@@ -52,13 +55,13 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-def _store(project_dir: Path) -> tuple[dict, str]:
+def _store(project_dir: Path) -> tuple[Params, str]:
     """The project's params and the tracking URI of its store."""
     from components.config import load_params
     from components.registry.store import resolve_tracking_uri
 
     params = load_params(project_dir / "params.yaml")
-    return params, resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project_dir)
+    return params, resolve_tracking_uri(params.tracking.mlflow_tracking_uri, project_dir)
 
 
 def _tracking(project_dir: Path):
@@ -270,7 +273,7 @@ def ui(
             command, env = ui_server_command(uri, host, port, (project_dir / "mlruns").resolve())
             base = f"http://{host}:{port}"
             servers.append(_serve(command, env, logs / "mlflow-ui.log", f"{base}/health", "mlflow server"))
-        experiment = experiment_id(client, params["tracking"]["experiment"])
+        experiment = experiment_id(client, params.tracking.experiment)
         console.print(f"MLflow UI:  [bold]{ui_experiment_url(base, experiment)}[/bold]   (store: {uri})")
         if prefect:
             api = os.environ.get("PREFECT_API_URL")
@@ -315,11 +318,11 @@ def report(
 
     params, uri, client = _tracking(project_dir)
     try:
-        prepared = load_prepared(project_dir / params["data"]["prepared_dir"])
+        prepared = load_prepared(project_dir / params.data.prepared_dir)
     except DataError as err:
         console.print(f"[yellow]no real images in the report:[/yellow] {err}")
         prepared = None
-    output.write_text(report_html(client, params["registry"]["production_prefix"], prepared))
+    output.write_text(report_html(client, params.registry.production_prefix, prepared))
     console.print(f"Wrote the report of {uri} to {output}")
 
 
@@ -342,7 +345,7 @@ def sample(
 
     params, _, client = _tracking(project_dir)
     try:
-        name = registered_name(dataset or dataset_name(project_dir / params["data"]["raw_dir"]), model)
+        name = registered_name(dataset or dataset_name(project_dir / params.data.raw_dir), model)
         version = version_by_alias(client, name, alias)
     except (DataError, LookupError) as err:
         raise _fail(str(err)) from err
@@ -352,7 +355,7 @@ def sample(
     console.print(f"Wrote {n} samples of {name} v{version.version} (@{alias}) to {output}")
 
 
-def _registered(model: str, params: dict, project_dir: Path) -> str:
+def _registered(model: str, params: Params, project_dir: Path) -> str:
     """`vae` -> `<current dataset>.vae`; a full registered name is kept as it is."""
     from components.data.raw import DataError, dataset_name
     from components.registry.store import registered_name
@@ -360,7 +363,7 @@ def _registered(model: str, params: dict, project_dir: Path) -> str:
     if "." in model:
         return model
     try:
-        return registered_name(dataset_name(project_dir / params["data"]["raw_dir"]), model)
+        return registered_name(dataset_name(project_dir / params.data.raw_dir), model)
     except DataError as err:
         raise _fail(str(err)) from err
 
@@ -383,13 +386,13 @@ def promote(
 
     params, uri, client = _tracking(project_dir)
     name = _registered(model, params, project_dir)
-    registry = params["registry"]
+    registry = params.registry
     try:
         promote_manually(client, name, version, reason, getpass.getuser())
         production = (
-            client_for(registry["production_registry_uri"]) if registry["production_registry_uri"] else None
+            client_for(registry.production_registry_uri) if registry.production_registry_uri else None
         )
-        published = publish_to_production(client, name, version, registry["production_prefix"], production)
+        published = publish_to_production(client, name, version, registry.production_prefix, production)
     except MlflowException as err:
         raise _fail(f"{name} v{version}: {err.message}") from err
     status_rows(uri)

@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components.config import load_params
+from components.config import Params, load_params
 from components.data.prepared import PreparedData, load_prepared
 from components.data.versioning import data_at_revision, data_version, ensure_data, git_revision, reproduce
 from components.evaluation.evaluate import (
@@ -82,7 +82,7 @@ class Inputs:
     """What every model branch shares: the versioned data and where things live."""
 
     project_dir: str
-    params: dict[str, Any]
+    params: Params
     data_version: str
     tracking_uri: str
     parent_run_id: str
@@ -90,11 +90,11 @@ class Inputs:
     journal: RunJournal
 
     def data(self) -> PreparedData:
-        return _prepared(Path(self.project_dir) / self.params["data"]["prepared_dir"], self.data_version)
+        return _prepared(Path(self.project_dir) / self.params.data.prepared_dir, self.data_version)
 
     @property
     def featurizer_dir(self) -> Path:
-        return Path(self.project_dir) / self.params["featurizer"]["dir"]
+        return Path(self.project_dir) / self.params.featurizer.dir
 
     def registered_name(self, model: str) -> str:
         return registered_name(self.data().name, model)
@@ -131,9 +131,9 @@ class ModelResult:
 def _evaluate(model: GenerativeModel, inputs: Inputs, shown_as: str) -> Evaluation:
     """Evaluate under the run's settings: a candidate and a re-evaluated champion alike; its progress
     is shown on the row of the model `shown_as`."""
-    cfg = inputs.params["evaluate"]
+    cfg = inputs.params.evaluate
     extractor, extractor_id = feature_extractor(
-        cfg["feature_extractor"], inputs.featurizer_dir, cfg.get("inception_weights")
+        cfg.feature_extractor, inputs.featurizer_dir, cfg.inception_weights
     )
     context = {"prepared_data": inputs.data_version, "code": code_version(type(model).registry_name)}
     settings = EvaluationSettings.from_params(inputs.params)
@@ -150,10 +150,8 @@ def _evaluate(model: GenerativeModel, inputs: Inputs, shown_as: str) -> Evaluati
 
 def _model_inputs(inputs: Inputs, model: str) -> dict[str, Any]:
     """What decides `model` in this run, as fingerprinted and recorded on its version."""
-    cfg = inputs.params["evaluate"]
-    extractor_id = feature_extractor_id(
-        cfg["feature_extractor"], inputs.featurizer_dir, cfg.get("inception_weights")
-    )
+    cfg = inputs.params.evaluate
+    extractor_id = feature_extractor_id(cfg.feature_extractor, inputs.featurizer_dir, cfg.inception_weights)
     return model_inputs(inputs.params, model, inputs.data_version, extractor_id)
 
 
@@ -220,7 +218,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
     commit, dirty = git_revision(Path(inputs.project_dir))
     run = RunLogger.start(
         client,
-        inputs.params["tracking"]["experiment"],
+        inputs.params.tracking.experiment,
         model,
         parent_run_id=inputs.parent_run_id,
         tags={
@@ -234,7 +232,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
     )
     inputs.journal.record_mlflow_run(inputs.tracking_uri, run.run_id)
     with run.fail_on_error():
-        run.log_params({"model": job.model, "train": inputs.params["train"], "seed": job.seed})
+        run.log_params({"model": job.model, "train": inputs.params.as_dict()["train"], "seed": job.seed})
         run.log_dataset(
             data.train.images,
             name=data.name,
@@ -249,7 +247,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
             scaling(inputs.params).workers,
             job.epochs,
         )
-        with run.system_metrics(float(inputs.params["tracking"]["system_metrics_interval_s"])):
+        with run.system_metrics(inputs.params.tracking.system_metrics_interval_s):
             outcome = train_model(
                 job,
                 data,
@@ -316,7 +314,7 @@ def register(trained: Trained, evaluation: Evaluation, inputs: Inputs) -> str:
                 "git_commit": commit,
                 "git_dirty": str(dirty),
                 "params_hash": params_hash(params),
-                "params": json.dumps(params, sort_keys=True),
+                "params": json.dumps(params.as_dict(), sort_keys=True),
                 "prefect_flow_run_id": inputs.pipeline_id,
                 "ray_scaling": json.dumps(
                     {"workers": workers.workers, "gpus_per_worker": workers.gpus_per_worker}
@@ -342,7 +340,7 @@ def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inpu
     client = client_for(inputs.tracking_uri)
     run = RunLogger(client, trained.run_id)
     name = inputs.registered_name(trained.model)
-    registry = inputs.params["registry"]
+    registry = inputs.params.registry
     with run.fail_on_error():
         candidate = client.get_model_version(name, version)
         policy = PromotionPolicy.from_params(inputs.params, trained.model, evaluation.primary_metric)
@@ -356,12 +354,12 @@ def promote(trained: Trained, version: str, evaluation: Evaluation, inputs: Inpu
         )
         describe_version(client, name, version, decision)
         if decision.promoted:
-            production_uri = registry["production_registry_uri"]
+            production_uri = registry.production_registry_uri
             published = publish_to_production(
                 client,
                 name,
                 version,
-                registry["production_prefix"],
+                registry.production_prefix,
                 client_for(production_uri) if production_uri else None,
             )
             get_run_logger().info(
@@ -390,13 +388,13 @@ def _branch_failure(model: str, futures: list[PrefectFuture]) -> ModelResult:
     return ModelResult(model, "failed", "an upstream step did not complete")
 
 
-def branch_runner(params: dict[str, Any]) -> ThreadPoolTaskRunner:
+def branch_runner(params: Params) -> ThreadPoolTaskRunner:
     """The task runner of the model branches: `train.max_concurrent_models` train at the same time.
 
     Made from the run's own params inside the flow, so every entry point (the CLI, a deployment, a
     direct call of the flow) keeps the limit.
     """
-    return ThreadPoolTaskRunner(max_workers=int(params["train"]["max_concurrent_models"]))
+    return ThreadPoolTaskRunner(max_workers=params.train.max_concurrent_models)
 
 
 def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
@@ -429,7 +427,7 @@ def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
 def _log_report(parent: RunLogger, inputs: Inputs) -> None:
     """The report page as this run leaves the registry, as an artifact of the pipeline's parent run."""
     try:
-        page = report_html(parent.client, inputs.params["registry"]["production_prefix"], inputs.data())
+        page = report_html(parent.client, inputs.params.registry.production_prefix, inputs.data())
     except Exception as err:  # the models are registered either way; a report must not undo that
         get_run_logger().warning("report page not written (%s: %s)", type(err).__name__, err)
         return
@@ -458,9 +456,9 @@ def retrain(
     quiet_tool_notices()
     project = Path(project_dir).resolve()
     params = load_params(project / "params.yaml", overrides)
-    models = list(models or params["train"]["models"])
+    models = list(models or params.train.models)
     logger = get_run_logger()
-    wait_s = float(params["train"]["lock_timeout_s"])
+    wait_s = params.train.lock_timeout_s
 
     def nothing_done(why: str) -> State:
         message = f"{why}; nothing done"
@@ -482,8 +480,8 @@ def retrain(
         except ProjectHeld as held_by:
             return nothing_done(f"another genpipe run holds {project} ({held_by.holder})")
         held.enter_context(data_at_revision(project, data_rev))
-        version = prepare_data(str(project), params["data"]["raw_dir"], data_rev)
-        tracking_uri = resolve_tracking_uri(params["tracking"]["mlflow_tracking_uri"], project)
+        version = prepare_data(str(project), params.data.raw_dir, data_rev)
+        tracking_uri = resolve_tracking_uri(params.tracking.mlflow_tracking_uri, project)
         try:
             lease_id = held.enter_context(registry_turn(tracking_uri, wait_s, journal.holder))
         except RegistryBusy as busy:
@@ -491,7 +489,7 @@ def retrain(
         journal.record_registry_lease(lease_id)
         parent = RunLogger.start(
             client_for(tracking_uri),
-            params["tracking"]["experiment"],
+            params.tracking.experiment,
             f"retrain-{pipeline_id[:8]}",
             tags={"prefect_flow_run_id": pipeline_id, "data_version": version},
         )

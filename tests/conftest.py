@@ -259,7 +259,7 @@ def prepared_template(tmp_path_factory) -> Path:
         if not (template / "dvc.lock").is_file():
             shutil.rmtree(template, ignore_errors=True)
             make_project(template)
-            ensure_data(template, Path(load_params(template / "params.yaml")["data"]["raw_dir"]))
+            ensure_data(template, Path(load_params(template / "params.yaml").data.raw_dir))
             reproduce(template)
     return template
 

@@ -144,15 +144,15 @@ def load_prepared(prepared_dir: str | Path) -> PreparedData:
 
 def main() -> int:
     params = load_params()
-    data = params["data"]
+    data = params.data
     try:
         meta = prepare(
-            Path(data["raw_dir"]),
-            Path(data["prepared_dir"]),
-            data["val_fraction"],
-            data["test_fraction"],
-            params["seed"],
-            data["shard_images"],
+            Path(data.raw_dir),
+            Path(data.prepared_dir),
+            data.val_fraction,
+            data.test_fraction,
+            params.seed,
+            data.shard_images,
         )
     except DataError as err:
         print(f"prepare: {err}", file=sys.stderr)

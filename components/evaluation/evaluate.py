@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from components.config import Params
 from components.data.prepared import PreparedData
 from components.evaluation.featurizer import featurizer_id, load_featurizer
 from components.evaluation.parzen import parzen_estimate
@@ -45,22 +46,22 @@ SPLITS = (GATE_SPLIT, REPORT_SPLIT)
 
 @dataclass
 class EvaluationSettings:
-    num_samples: int = 1000
-    kid_subset_size: int = 100
-    importance_samples: int = 100
-    batch_size: int = 500
-    seed: int = 0
+    num_samples: int
+    kid_subset_size: int
+    importance_samples: int
+    batch_size: int
+    seed: int
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> EvaluationSettings:
+    def from_params(cls, params: Params) -> EvaluationSettings:
         """The settings of params.yaml `evaluate` and the project seed."""
-        section = params["evaluate"]
+        section = params.evaluate
         return cls(
-            num_samples=int(section["num_samples"]),
-            kid_subset_size=int(section["kid_subset_size"]),
-            importance_samples=int(section["importance_samples"]),
-            batch_size=int(section["batch_size"]),
-            seed=int(params["seed"]),
+            num_samples=section.num_samples,
+            kid_subset_size=section.kid_subset_size,
+            importance_samples=section.importance_samples,
+            batch_size=section.batch_size,
+            seed=params.seed,
         )
 
 

@@ -137,18 +137,18 @@ def load_featurizer(featurizer_dir: str | Path) -> Featurizer:
 
 def main() -> int:
     params = load_params()
-    cfg = params["featurizer"]
+    cfg = params.featurizer
     config = train_featurizer(
-        Path(params["data"]["prepared_dir"]),
-        Path(cfg["dir"]),
-        feature_dim=cfg["feature_dim"],
-        epochs=cfg["epochs"],
-        batch_size=cfg["batch_size"],
-        lr=cfg["lr"],
-        seed=params["seed"],
+        Path(params.data.prepared_dir),
+        Path(cfg.dir),
+        feature_dim=cfg.feature_dim,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=params.seed,
     )
     print(
-        f"featurizer: {featurizer_id(cfg['dir'])} trained on {config['task']}, "
+        f"featurizer: {featurizer_id(cfg.dir)} trained on {config['task']}, "
         f"val accuracy {config['val_accuracy']:.3f}"
     )
     return 0

@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from components.config import train_settings
+from components.config import Params
 
 PACKAGES = ("torch", "ray", "mlflow", "prefect", "dvc", "torchmetrics", "numpy")
 CODE_PACKAGE = "components"
@@ -50,9 +50,9 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def params_hash(params: dict[str, Any]) -> str:
+def params_hash(params: Params) -> str:
     """Short hash of the whole parameter set, recorded with every run and version."""
-    return _digest(params)[:12]
+    return _digest(params.as_dict())[:12]
 
 
 def _module_file(module: str, root: Path) -> Path | None:
@@ -140,19 +140,19 @@ def code_version(model: str, root: Path = CODE_ROOT) -> str:
 
 
 def model_inputs(
-    params: dict[str, Any], model: str, data_version: str, extractor_id: str, root: Path = CODE_ROOT
+    params: Params, model: str, data_version: str, extractor_id: str, root: Path = CODE_ROOT
 ) -> dict[str, Any]:
     """The inputs that decide `model`, as recorded (tag `inputs`) and fingerprinted."""
-    train = {k: v for k, v in train_settings(params, model).items() if k not in RUN_CONTROL_KEYS}
-    evaluate = {k: v for k, v in params["evaluate"].items() if k not in EXTRACTOR_KEYS}
+    train = params.train.for_model(model).model_dump(mode="json", exclude=set(RUN_CONTROL_KEYS))
+    evaluate = params.evaluate.model_dump(mode="json", exclude=set(EXTRACTOR_KEYS))
     return {
         "prepared_data": data_version,
         "feature_extractor": extractor_id,
         "params": {
-            "models": {model: (params.get("models") or {}).get(model) or {}},
+            "models": {model: params.hyperparameters(model)},
             "train": train,
             "evaluate": evaluate,
-            "seed": params["seed"],
+            "seed": params.seed,
         },
         "code": code_fingerprint(model, root),
     }

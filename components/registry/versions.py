@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -22,6 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from components.config import Params
 from components.evaluation.evaluate import GATE_SPLIT, REPORT_SPLIT, SPLITS, Evaluation
 from components.models import GenerativeModel
 from components.models.model_dir import load_model_dir
@@ -148,26 +149,29 @@ class PromotionPolicy:
     """
 
     metric: str
-    direction: str = "minimize"
-    min_improvement: float = 0.0
-    guards: dict[str, str] = field(default_factory=dict)  # metric -> direction; must not get worse
+    direction: str  # "minimize" | "maximize"
+    min_improvement: float
+    guards: dict[str, str]  # metric -> direction; must not get worse
 
     @classmethod
-    def from_params(cls, params: dict, model: str, primary_metric: str) -> PromotionPolicy:
-        section = params.get("promotion") or {}
-        merged = {**(section.get("default") or {}), **(section.get(model) or {})}
+    def from_params(cls, params: Params, model: str, primary_metric: str) -> PromotionPolicy:
+        """`promotion.default` with what `promotion.<model>` sets over it."""
+        merged: dict = {}
+        for rule in (params.promotion.get("default"), params.promotion.get(model)):
+            if rule is not None:
+                merged.update({key: value for key, value in rule.model_dump().items() if value is not None})
+        unset = [key for key in ("direction", "min_improvement") if key not in merged]
+        if unset:
+            raise ValueError(
+                f"params.yaml promotion: {', '.join(unset)} set neither in `default` nor for {model!r}"
+            )
         policy = cls(
             metric=merged.get("metric") or primary_metric,
-            direction=merged.get("direction", "minimize"),
-            min_improvement=float(merged.get("min_improvement", 0.0)),
-            guards=dict(merged.get("guards") or {}),
+            direction=merged["direction"],
+            min_improvement=merged["min_improvement"],
+            guards=merged.get("guards", {}),
         )
-        for metric, direction in {policy.metric: policy.direction, **policy.guards}.items():
-            if direction not in ("minimize", "maximize"):
-                raise ValueError(
-                    f"params.yaml promotion.{model}: direction of {metric!r} is {direction!r}; "
-                    "expected minimize or maximize"
-                )
+        for metric in (policy.metric, *policy.guards):
             split = next((s for s in SPLITS if metric.startswith(f"{s}_")), None)
             if split is not None:
                 raise ValueError(

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from components.config import train_settings
+from components.config import Params
 from components.data.prepared import PreparedData
 from components.models import create_model
 from components.models.factory import model_class
@@ -24,31 +23,30 @@ class ModelsDoNotFit(ValueError):
     """Some models cannot be built for the data and the params; nothing was trained."""
 
 
-def train_job(params: dict[str, Any], model_name: str, image_shape: tuple[int, int, int]) -> TrainJob:
+def train_job(params: Params, model_name: str, image_shape: tuple[int, int, int]) -> TrainJob:
     """The job for `model_name` from params (hyper-parameters under `models.<name>`).
 
     The model is built on PyTorch's meta device (no memory, no arithmetic: FVSBN at 3x64x64 has
     4.5 x 10^8 weights), which checks its name, hyper-parameters and the image shape; a ValueError says
     what does not fit.
     """
-    train = train_settings(params, model_name)
-    hparams = (params.get("models") or {}).get(model_name) or {}
+    train = params.train.for_model(model_name)
     with torch.device("meta"):
-        spec = create_model(model_name, image_shape, **hparams).spec
+        spec = create_model(model_name, image_shape, **params.hyperparameters(model_name)).spec
     return TrainJob(
         model=spec.to_dict(),
-        epochs=int(train["epochs"]),
-        batch_size=int(train["batch_size"]),
-        lr=float(train["lr"]),
-        seed=int(params["seed"]),
-        precision=str(train["precision"]),
-        checkpoint_every_steps=int(train["checkpoint_every_steps"]),
-        compile=bool(train["compile"]),
-        sample_every_epochs=int(train["sample_every_epochs"]),
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        seed=params.seed,
+        precision=train.precision,
+        checkpoint_every_steps=train.checkpoint_every_steps,
+        compile=train.compile,
+        sample_every_epochs=train.sample_every_epochs,
     )
 
 
-def check_models_fit(params: dict[str, Any], models: list[str], image_shape: tuple[int, int, int]) -> None:
+def check_models_fit(params: Params, models: list[str], image_shape: tuple[int, int, int]) -> None:
     """Raise `ModelsDoNotFit` naming every model of `models` whose job cannot be made for images of
     `image_shape` (a setting the data cannot take, an image below the family's minimum, an unknown
     family or hyper-parameter), so that a run stops before any model trains."""
@@ -66,14 +64,13 @@ def check_models_fit(params: dict[str, Any], models: list[str], image_shape: tup
         )
 
 
-def scaling(params: dict[str, Any]) -> Scaling:
-    train = params["train"]
-    return Scaling(workers=int(train["workers"]), gpus_per_worker=train["gpus_per_worker"])
+def scaling(params: Params) -> Scaling:
+    return Scaling(workers=params.train.workers, gpus_per_worker=params.train.gpus_per_worker)
 
 
-def storage_path(params: dict[str, Any], project_dir: Path) -> str:
+def storage_path(params: Params, project_dir: Path) -> str:
     """`train.storage_path` as Ray needs it: a URI as it is, a relative path inside the project."""
-    configured = str(params["train"]["storage_path"])
+    configured = params.train.storage_path
     if "://" in configured or Path(configured).is_absolute():
         return configured
     return str(Path(project_dir).resolve() / configured)
@@ -82,7 +79,7 @@ def storage_path(params: dict[str, Any], project_dir: Path) -> str:
 def train_model(
     job: TrainJob,
     data: PreparedData,
-    params: dict[str, Any],
+    params: Params,
     *,
     project_dir: Path,
     run_name: str,
@@ -95,7 +92,7 @@ def train_model(
     second. Raises TrainingDiverged when the loss blew up.
     """
     kind = model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams)
-    streamed = len(data.train) > int(params["train"]["streaming_threshold_images"])
+    streamed = len(data.train) > params.train.streaming_threshold_images
     outcome = train_on_ray(
         job,
         data.train.shards if streamed else data.train.pixels,

@@ -61,8 +61,8 @@ def collect_reports_promptly() -> None:
 class Scaling:
     """How many Ray Train workers a model gets and what each holds."""
 
-    workers: int = 1
-    gpus_per_worker: float | str = "auto"  # "auto": 1 when the cluster has GPUs, else 0
+    workers: int
+    gpus_per_worker: float | str  # "auto": 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
 

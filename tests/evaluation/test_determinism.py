@@ -14,7 +14,9 @@ from components.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SETTINGS = EvaluationSettings(num_samples=100, kid_subset_size=50, importance_samples=4, batch_size=100)
+SETTINGS = EvaluationSettings(
+    num_samples=100, kid_subset_size=50, importance_samples=4, batch_size=100, seed=0
+)
 
 
 @pytest.fixture(scope="module")

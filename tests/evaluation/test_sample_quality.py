@@ -113,7 +113,9 @@ def test_parzen_estimate_approaches_the_true_log_likelihood_with_many_samples():
 
 def test_evaluation_adds_the_parzen_estimate_for_sample_only_models_only(digits: PreparedData, featurizer):
     torch.manual_seed(0)
-    settings = EvaluationSettings(num_samples=100, importance_samples=2, batch_size=100)
+    settings = EvaluationSettings(
+        num_samples=100, importance_samples=2, batch_size=100, kid_subset_size=100, seed=0
+    )
     sample_only = evaluate_model(create_model("ae", digits.image_shape), digits, featurizer, "f", settings)
     for split in ("val", "test"):
         assert math.isfinite(sample_only.metrics[f"{split}_parzen_ll_estimate"])

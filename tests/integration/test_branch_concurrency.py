@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from prefect import flow, task
 
+from components.config import load_params
 from flows.retrain import branch_runner
 
 pytestmark = pytest.mark.integration
@@ -34,7 +36,10 @@ def occupy(tally: Tally) -> None:
 
 
 @flow
-def flow_with_branches(params: dict, tally: Tally) -> None:
+def flow_with_branches(limit: int, tally: Tally) -> None:
+    params = load_params(
+        Path(__file__).resolve().parents[2] / "params.yaml", {"train": {"max_concurrent_models": limit}}
+    )
     with branch_runner(params) as runner:
         for future in [runner.submit(occupy, {"tally": tally}) for _ in range(4)]:
             future.wait()
@@ -43,5 +48,5 @@ def flow_with_branches(params: dict, tally: Tally) -> None:
 @pytest.mark.parametrize("limit", [1, 2])
 def test_a_direct_call_of_a_flow_runs_at_most_max_concurrent_models_branches_at_once(prefect_server, limit):
     tally = Tally()
-    flow_with_branches({"train": {"max_concurrent_models": limit}}, tally)
+    flow_with_branches(limit, tally)
     assert (tally.done, tally.most) == (4, limit)

@@ -73,6 +73,9 @@ def digits_job(image_shape, checkpoint_every_steps: int = 0) -> TrainJob:
         lr=3e-3,
         seed=SEED,
         checkpoint_every_steps=checkpoint_every_steps,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
 
 
@@ -429,9 +432,9 @@ def test_diverging_model_stops_at_the_first_bad_epoch_without_retrying(digits, r
             "gpus_per_worker": 0,
             "checkpoint_every_steps": 0,
         },
+        "models": {"vae": TINY_VAE},
     }
     params = load_params(PROJECT_ROOT / "params.yaml", overrides)
-    params["models"]["vae"] = TINY_VAE
     job = train_job(params, "vae", digits.image_shape)
     steps_per_epoch = -(-len(digits.train) // 128)
     with pytest.raises(

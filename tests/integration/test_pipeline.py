@@ -147,13 +147,13 @@ def test_a_model_that_cannot_be_built_stops_the_run_before_anything_trains(train
 
 
 def test_a_model_failing_in_training_fails_its_branch_only(trained_project):
-    # A NaN learning rate builds fine and blows up at the first step: fvsbn's training diverges.
-    state = run_flow(trained_project, ["vae", "fvsbn"], per_model={"fvsbn": {"lr": float("nan")}})
+    # Adam moves every weight by ~lr per step: at 1e4 the VAE's ELBO overflows within its epoch.
+    state = run_flow(trained_project, ["fvsbn", "vae"], per_model={"vae": {"lr": 1e4}})
     assert state.is_failed()
-    assert "fvsbn" in state.message and "diverged" in state.message
+    assert "vae" in state.message and "diverged" in state.message
     summary = {row["model"]: row for row in state.result(raise_on_failure=False)}
-    assert summary["vae"]["status"] in ("promoted", "kept champion", "skipped")
-    assert summary["fvsbn"]["status"] == "failed"
+    assert summary["fvsbn"]["status"] in ("promoted", "kept champion", "skipped")
+    assert summary["vae"]["status"] == "failed"
     # The run's last read is the registry's status, kept for `genpipe status` to find without MLflow.
     uri = resolve_tracking_uri(None, trained_project)
     kept = remembered(uri, "status", lambda: pytest.fail("the run's last status read was not kept"))

@@ -116,7 +116,15 @@ def test_streamed_training_resumed_mid_epoch_matches_an_uninterrupted_one(ray_in
     skips exactly the batches it had trained on and ends with the same weights."""
     spec = create_model("vae", sharded.image_shape, **FAMILIES["vae"]).spec
     job = TrainJob(
-        model=spec.to_dict(), epochs=2, batch_size=BATCH, lr=1e-3, seed=SEED, checkpoint_every_steps=7
+        model=spec.to_dict(),
+        epochs=2,
+        batch_size=BATCH,
+        lr=1e-3,
+        seed=SEED,
+        checkpoint_every_steps=7,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
     batches_per_epoch = -(-len(sharded.train) // BATCH)
     crash_step = 4 * job.checkpoint_every_steps
@@ -163,7 +171,15 @@ def test_torchtrainer_streams_the_digits_with_a_zero_threshold(ray_instance, sha
     )
     spec = create_model("vae", sharded.image_shape, **FAMILIES["vae"]).spec
     job = TrainJob(
-        model=spec.to_dict(), epochs=1, batch_size=BATCH, lr=1e-3, seed=SEED, checkpoint_every_steps=0
+        model=spec.to_dict(),
+        epochs=1,
+        batch_size=BATCH,
+        lr=1e-3,
+        seed=SEED,
+        checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
     outcome = train_model(job, sharded, params, project_dir=tmp_path, run_name="streamed-vae")
     assert outcome.steps == -(-len(sharded.train) // BATCH)

@@ -158,6 +158,10 @@ def test_family_trains_on_digits_through_the_trainer(family: str, digits: Prepar
         batch_size=32,
         lr=1e-3,
         checkpoint_every_steps=0,
+        seed=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
     run_training(job, digits.train.images[:192], digits.val.images, LocalContext(tmp_path))
     outcome = read_outcome(tmp_path)
@@ -197,7 +201,15 @@ def test_gan_recovers_the_modes_of_a_ring_of_gaussians(tmp_path: Path):
     """
     spec = create_model("gan", (1, 1, 2), latent_dim=8, hidden=128).spec
     job = TrainJob(
-        model=spec.to_dict(), epochs=150, batch_size=256, lr=2e-3, seed=0, checkpoint_every_steps=0
+        model=spec.to_dict(),
+        epochs=150,
+        batch_size=256,
+        lr=2e-3,
+        seed=0,
+        checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
     run_training(job, ring_points(2560, seed=0), ring_points(256, seed=1), LocalContext(tmp_path))
     samples = load_model_dir(tmp_path).sample(2000, generator=torch.Generator().manual_seed(0))

@@ -116,7 +116,17 @@ def test_dae_trained_briefly_removes_more_error_than_the_corruption_adds(
 ):
     hparams = {"noise": noise, "noise_level": level, "channels": 16, "hidden": 128}
     spec = create_model("dae", digits.image_shape, **hparams).spec
-    job = TrainJob(model=spec.to_dict(), epochs=30, batch_size=64, lr=2e-3, seed=0, checkpoint_every_steps=0)
+    job = TrainJob(
+        model=spec.to_dict(),
+        epochs=30,
+        batch_size=64,
+        lr=2e-3,
+        seed=0,
+        checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
+    )
     run_training(job, digits.train.images, digits.val.images, LocalContext(tmp_path))
     model = load_model_dir(tmp_path)
     clean = torch.from_numpy(digits.test.images)

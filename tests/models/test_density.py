@@ -341,7 +341,15 @@ def test_a_few_epochs_on_digits_lower_the_test_nll(name, hparams, digits, tmp_pa
     torch.manual_seed(0)
     untrained = create_model(name, digits.image_shape, **hparams)
     job = TrainJob(
-        model=untrained.spec.to_dict(), epochs=8, batch_size=64, lr=0.01, seed=0, checkpoint_every_steps=0
+        model=untrained.spec.to_dict(),
+        epochs=8,
+        batch_size=64,
+        lr=0.01,
+        seed=0,
+        checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
     run_training(job, digits.train.images, digits.val.binary.astype(np.float32), LocalContext(tmp_path))
     trained = load_model_dir(tmp_path)
@@ -363,7 +371,15 @@ def test_the_8bit_form_trains_on_the_grey_values_themselves(name, hparams, digit
     untrained = create_model(name, digits.image_shape, **hparams, pixels="8bit", levels=17)
     assert untrained.data_kind == "continuous"
     job = TrainJob(
-        model=untrained.spec.to_dict(), epochs=4, batch_size=64, lr=0.01, seed=0, checkpoint_every_steps=0
+        model=untrained.spec.to_dict(),
+        epochs=4,
+        batch_size=64,
+        lr=0.01,
+        seed=0,
+        checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
     run_training(job, digits.train.images, digits.val.for_kind(untrained.data_kind), LocalContext(tmp_path))
     trained = load_model_dir(tmp_path)

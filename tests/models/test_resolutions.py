@@ -77,7 +77,17 @@ def test_an_image_below_the_minimum_is_refused_naming_family_and_shape(family: s
 def test_family_trains_in_process_on_rgb_32(family: str, tmp_path: Path):
     """A few real trainer steps at 3x32x32: two epochs of 16 images in batches of 8."""
     spec = create_model(family, (3, 32, 32), **TINY[family]).spec
-    job = TrainJob(model=spec.to_dict(), epochs=2, batch_size=8, lr=1e-3, checkpoint_every_steps=0)
+    job = TrainJob(
+        model=spec.to_dict(),
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        checkpoint_every_steps=0,
+        seed=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
+    )
     images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy()
     run_training(job, images, images[:8], LocalContext(tmp_path))
     outcome = read_outcome(tmp_path)

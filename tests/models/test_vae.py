@@ -67,7 +67,15 @@ def test_the_8bit_vae_trains_on_the_grey_values(digits, tmp_path: Path):
     torch.manual_seed(0)
     untrained = create_model("vae", digits.image_shape, **TINY, pixels="8bit", levels=17)
     job = TrainJob(
-        model=untrained.spec.to_dict(), epochs=4, batch_size=64, lr=0.01, seed=0, checkpoint_every_steps=0
+        model=untrained.spec.to_dict(),
+        epochs=4,
+        batch_size=64,
+        lr=0.01,
+        seed=0,
+        checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
     run_training(job, digits.train.images, digits.val.for_kind(untrained.data_kind), LocalContext(tmp_path))
     trained = load_model_dir(tmp_path)

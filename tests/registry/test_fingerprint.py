@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import load_params
+from components.config import Params, load_params
 from components.registry.lineage import (
     CODE_ROOT,
     changed_inputs,
@@ -29,11 +29,11 @@ def code_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def params() -> dict:
+def params() -> Params:
     return load_params(CODE_ROOT / "params.yaml")
 
 
-def inputs(params: dict, root: Path, model: str, data: str = "prepared-1", extractor: str = "featurizer-1"):
+def inputs(params: Params, root: Path, model: str, data: str = "prepared-1", extractor: str = "featurizer-1"):
     return model_inputs(params, model, data, extractor, root=root)
 
 
@@ -93,11 +93,9 @@ def test_a_module_outside_every_familys_closure_changes_no_fingerprint(params, c
 
 def test_changed_inputs_name_the_data_the_extractor_and_the_param(params):
     before = inputs(params, CODE_ROOT, "vae")
-    changed_params = {
-        **params,
-        "models": {"vae": {"latent_dim": 8}},
-        "train": {**params["train"], "epochs": 3},
-    }
+    changed_params = params.model_copy(
+        update={"models": {"vae": {"latent_dim": 8}}, "train": params.train.model_copy(update={"epochs": 3})}
+    )
     after = inputs(changed_params, CODE_ROOT, "vae", data="prepared-2", extractor="featurizer-2")
     assert changed_inputs(before, after) == [
         "feature extractor",
@@ -106,7 +104,9 @@ def test_changed_inputs_name_the_data_the_extractor_and_the_param(params):
         "prepared data",
     ]
     # What only schedules runs, and the extractor's file name (its id covers it), decide nothing.
-    scheduling = {**params, "train": {**params["train"], "max_concurrent_models": 5, "models": ["vae"]}}
+    scheduling = params.model_copy(
+        update={"train": params.train.model_copy(update={"max_concurrent_models": 5, "models": ["vae"]})}
+    )
     assert inputs(scheduling, CODE_ROOT, "vae") == before
     # A record of the older format is still compared, key by key.
     assert "code" in changed_inputs({"code": "0123abcd"}, before)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from components.config import load_params
 from components.evaluation.evaluate import Evaluation
 from components.models import create_model
 from components.models.model_dir import save_model_dir
@@ -40,6 +41,15 @@ SETTINGS = {
     "prepared_data": DATA,
     "code": "code-v1",
 }
+
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def rule(**changed) -> PromotionPolicy:
+    """The rule of params.yaml's `promotion.default` for the VAE's metric, with `changed` over it."""
+    return PromotionPolicy(
+        **{"metric": "nll_bound", "direction": "minimize", "min_improvement": 0.0, "guards": {}, **changed}
+    )
 
 
 @pytest.fixture
@@ -78,7 +88,7 @@ def judge(client, model_dir, result: Evaluation, policy: PromotionPolicy | None 
         candidate,
         result,
         reevaluate=reevaluate or (lambda v: pytest.fail("champion re-evaluated without need")),
-        policy=policy or PromotionPolicy("nll_bound"),
+        policy=policy or rule(),
     )
     return candidate, decision
 
@@ -98,9 +108,7 @@ def test_first_better_worse_and_equal(client, model_dir):
     tags = client.get_model_version(NAME, worse.version).tags
     assert tags["promotion.decision"] == "rejected" and "not better" in tags["promotion.reason"]
     assert str(client.get_model_version_by_alias(NAME, CHALLENGER).version) == str(worse.version)
-    _, decision = judge(
-        client, model_dir, evaluation(28.95), PromotionPolicy("nll_bound", min_improvement=0.1)
-    )
+    _, decision = judge(client, model_dir, evaluation(28.95), rule(min_improvement=0.1))
     assert not decision.promoted and "not more than 0.1" in decision.reason
     assert champion(client) == "2"
 
@@ -126,10 +134,16 @@ def test_the_validation_split_decides_and_the_test_split_is_only_reported(client
 
 
 def test_a_policy_metric_that_names_a_split_is_refused():
-    params = {"promotion": {"vae": {"metric": "test_nll_bound"}}}
+    params = load_params(PARAMS, {"promotion": {"vae": {"metric": "test_nll_bound"}}})
     with pytest.raises(ValueError, match=r"promotion\.vae.*'test_nll_bound'.*'nll_bound'.*validation"):
         PromotionPolicy.from_params(params, "vae", "nll_bound")
-    assert PromotionPolicy.from_params({}, "vae", "nll_bound").metric == "nll_bound"
+    assert PromotionPolicy.from_params(load_params(PARAMS), "vae", "nll_bound").metric == "nll_bound"
+
+
+def test_a_familys_rule_sets_only_what_differs_from_the_default():
+    params = load_params(PARAMS, {"promotion": {"vae": {"min_improvement": 0.5}}})
+    vae, gan = (PromotionPolicy.from_params(params, family, "x") for family in ("vae", "gan"))
+    assert (vae.min_improvement, vae.direction) == (0.5, "minimize") and gan.min_improvement == 0.0
 
 
 def test_a_bit_identical_retrain_does_not_win_by_rounding(client, model_dir):
@@ -142,7 +156,7 @@ def test_a_bit_identical_retrain_does_not_win_by_rounding(client, model_dir):
 
 def test_guard_metric_that_gets_worse_blocks_promotion(client, model_dir):
     judge(client, model_dir, evaluation(30.0, fid=10.0))
-    policy = PromotionPolicy("nll_bound", guards={"fid": "minimize"})
+    policy = rule(guards={"fid": "minimize"})
     _, decision = judge(client, model_dir, evaluation(25.0, fid=12.0), policy)
     assert not decision.promoted and "guard" in decision.reason and "val_fid" in decision.reason
     _, decision = judge(client, model_dir, evaluation(25.0, fid=9.0), policy)
@@ -218,7 +232,7 @@ def test_a_retried_promotion_and_publication_repeat_nothing(client, model_dir, t
         client.get_model_version(NAME, candidate.version),
         evaluation(20.0),
         reevaluate=lambda v: pytest.fail("champion re-evaluated without need"),
-        policy=PromotionPolicy("nll_bound"),
+        policy=rule(),
     )
     assert again == first
     assert champion(client) == "2"

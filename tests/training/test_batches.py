@@ -17,7 +17,15 @@ BATCH = 128
 def job_for(digits, family: str, **hparams) -> TrainJob:
     spec = create_model(family, digits.image_shape, **hparams).spec
     return TrainJob(
-        model=spec.to_dict(), epochs=2, batch_size=BATCH, lr=1e-3, seed=5, checkpoint_every_steps=0
+        model=spec.to_dict(),
+        epochs=2,
+        batch_size=BATCH,
+        lr=1e-3,
+        seed=5,
+        checkpoint_every_steps=0,
+        precision="auto",
+        compile=False,
+        sample_every_epochs=0,
     )
 
 

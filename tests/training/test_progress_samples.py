@@ -27,6 +27,8 @@ def test_grids_every_k_epochs_and_at_the_end_leave_training_unchanged(digits, tm
             seed=3,
             checkpoint_every_steps=0,
             sample_every_epochs=every,
+            precision="auto",
+            compile=False,
         )
         output = tmp_path / f"every-{every}"
         run_training(job, digits.train.images, digits.val.binary.astype(np.float32), LocalContext(output))

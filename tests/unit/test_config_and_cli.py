@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_overrides_apply_and_unknown_keys_are_named(tmp_path):
     params = load_params(ROOT / "params.yaml", {"train": {"epochs": 3}})
-    assert params["train"]["epochs"] == 3
+    assert params.train.epochs == 3
     with pytest.raises(ConfigError, match=r"params.yaml.train: unknown key 'epoch'"):
         load_params(ROOT / "params.yaml", {"train": {"epoch": 3}})
     with pytest.raises(ConfigError, match="not found"):
@@ -29,18 +29,84 @@ def test_overrides_apply_and_unknown_keys_are_named(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        (
+            "train",
+            "epochs",
+            "ten",
+            "train.epochs: Input should be a valid integer, unable to parse string as an integer, got 'ten'",
+        ),
+        (
+            "train",
+            "precision",
+            "fp16",
+            "train.precision: Input should be 'auto', 'fp32' or 'bf16', got 'fp16'",
+        ),
+        (
+            "train",
+            "gpus_per_worker",
+            -1,
+            "train.gpus_per_worker: Input should be 'auto' or greater than or equal to 0, got -1",
+        ),
+        ("data", "val_fraction", 1.5, "data.val_fraction: Input should be less than 1, got 1.5"),
+        (
+            "evaluate",
+            "num_samples",
+            1,
+            "evaluate.num_samples: Input should be greater than or equal to 2, got 1",
+        ),
+        (
+            "evaluate",
+            "feature_extractor",
+            "clip",
+            "evaluate.feature_extractor: Input should be 'featurizer' or 'inception', got 'clip'",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_with_its_key_and_what_was_expected(
+    tmp_path, section, key, value, expected
+):
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params[section][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError) as raised:
+        load_params(tmp_path / "params.yaml")
+    assert str(raised.value) == f"{tmp_path / 'params.yaml'} {expected}"
+    # The same value typed for one run is refused the same way, before anything runs.
+    with pytest.raises(ConfigError, match=expected.split(":")[0]):
+        load_params(ROOT / "params.yaml", {section: {key: value}})
+
+
+def test_a_family_setting_and_a_promotion_rule_are_checked_too(tmp_path):
+    for family in ("gan", "vae"):  # one with settings of its own in the file, one without
+        with pytest.raises(ConfigError, match=rf"train.per_model: {family}: unknown key\(s\) epoch$"):
+            load_params(ROOT / "params.yaml", {"train": {"per_model": {family: {"epoch": 2}}}})
+    params = load_params(ROOT / "params.yaml", {"train": {"per_model": {"gan": {"batch_size": 0}}}})
+    with pytest.raises(
+        ConfigError, match=r"train.per_model.gan batch_size: Input should be greater than 0, got 0"
+    ):
+        params.train.for_model("gan")
+    with pytest.raises(
+        ConfigError, match=r"promotion.vae.direction: Input should be 'minimize' or 'maximize'"
+    ):
+        load_params(ROOT / "params.yaml", {"promotion": {"vae": {"direction": "lower"}}})
+
+
 def test_a_value_given_for_one_run_wins_over_the_familys_own_setting():
-    from components.config import train_settings
     from components.training.jobs import train_job
 
     file_only = load_params(ROOT / "params.yaml")
-    assert file_only["train"]["per_model"]["gan"]["epochs"] > 1, "the file gives gan its own epochs"
+    assert file_only.train.per_model["gan"]["epochs"] > 1, "the file gives gan its own epochs"
     params = load_params(ROOT / "params.yaml", {"train": {"epochs": 1}})
     assert train_job(params, "gan", (1, 8, 8)).epochs == 1
-    assert train_settings(params, "fvsbn")["lr"] == file_only["train"]["per_model"]["fvsbn"]["lr"]
+    assert params.train.for_model("fvsbn").lr == file_only.train.per_model["fvsbn"]["lr"]
     # A per-family value given for the run itself still applies to that family only.
     params = load_params(ROOT / "params.yaml", {"train": {"epochs": 1, "per_model": {"gan": {"epochs": 2}}}})
-    assert (train_settings(params, "gan")["epochs"], train_settings(params, "vae")["epochs"]) == (2, 1)
+    assert (params.train.for_model("gan").epochs, params.train.for_model("vae").epochs) == (2, 1)
 
 
 @pytest.mark.parametrize(

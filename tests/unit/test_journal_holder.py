@@ -8,9 +8,11 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
+from components.config import load_params
 from flows.journal import Holder, ProjectHeld, RunJournal, holder_of
 from flows.retrain import branch_runner
 
@@ -76,4 +78,7 @@ def test_the_journal_is_never_seen_half_written(tmp_path):
 
 def test_model_branches_are_limited_by_the_runs_own_params():
     """The limit comes from the params the flow itself reads, not from the command line."""
-    assert branch_runner({"train": {"max_concurrent_models": 3}})._max_workers == 3
+    params = load_params(
+        Path(__file__).resolve().parents[2] / "params.yaml", {"train": {"max_concurrent_models": 3}}
+    )
+    assert branch_runner(params)._max_workers == 3
