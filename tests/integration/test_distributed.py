@@ -239,10 +239,9 @@ class RayNode:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while "Ray runtime started" not in log.read_text():
             if process.poll() is not None or time.monotonic() > deadline:
+                said = log.read_text()[-3000:]  # before stopping the node removes its directory
                 stop_nodes([node])
-                raise RuntimeError(
-                    f"`ray start {' '.join(args)}` did not come up:\n{log.read_text()[-3000:]}"
-                )
+                raise RuntimeError(f"`ray start {' '.join(args)}` did not come up:\n{said}")
             time.sleep(0.5)
         return node
 

@@ -18,12 +18,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from components.registry.store import resolve_tracking_uri
 from components.registry.tracking import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING,
     PROGRESS_SAMPLES_KEY,
     SAMPLES_ARTIFACT,
-    resolve_tracking_uri,
     ui_model_url,
 )
 from components.registry.versions import CHAMPION
