@@ -53,6 +53,35 @@ wait_until() {
 
 http_ok() { curl -fsS --max-time 5 -o /dev/null "$1"; }
 
+# Ray gives a new node's raylet a fixed 30 s to register with the GCS; on a machine busy with other
+# work that can pass, and `ray start` then exits saying so. Such a start is tried again, a few times.
+RAY_START_ATTEMPTS=3
+start_ray_node() {
+    local name=$1 what=$2 nodes=$3 attempt
+    shift 3
+    for ((attempt = 1; ; attempt++)); do
+        start_service "$name" "$BIN/ray" start "$@" "${RAY_NODE_ARGS[@]}"
+        local deadline=$((SECONDS + STARTUP_TIMEOUT_S))
+        until ray_has_nodes "$nodes" || ! service_alive "$name"; do
+            if ((SECONDS > deadline)); then
+                log_tail "$name"
+                fail "$name: no $what after ${STARTUP_TIMEOUT_S} s (log: $LOGS/$name.log)"
+            fi
+            sleep 1
+        done
+        if ray_has_nodes "$nodes"; then
+            say "$name: $what"
+            return
+        fi
+        if ((attempt == RAY_START_ATTEMPTS)) || ! grep -q "timed out during startup" "$LOGS/$name.log"; then
+            log_tail "$name"
+            fail "$name exited before $what (log: $LOGS/$name.log)"
+        fi
+        say "$name: Ray's node start timed out (a busy machine); trying again ($((attempt + 1))/$RAY_START_ATTEMPTS)"
+        cp "$LOGS/$name.log" "$LOGS/$name.attempt-$attempt.log"
+    done
+}
+
 # `ray status` lists one "1 node_<id>" line per node under "Active:".
 ray_has_nodes() {
     local count
@@ -131,10 +160,8 @@ RAY_NODE_ARGS=(--num-cpus 1 --num-gpus 0 --temp-dir "$RAY_TEMP_DIR"
     --disable-usage-stats --block)
 # Without Ray Serve there is nothing to drain: stop at once on SIGTERM.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
-start_service ray-head "$BIN/ray" start --head --port "$RAY_PORT" --include-dashboard false "${RAY_NODE_ARGS[@]}"
-wait_until ray-head "head node up" ray_has_nodes 1
-start_service ray-worker "$BIN/ray" start --address "$HOST:$RAY_PORT" "${RAY_NODE_ARGS[@]}"
-wait_until ray-worker "2 nodes in the cluster" ray_has_nodes 2
+start_ray_node ray-head "head node up" 1 --head --port "$RAY_PORT" --include-dashboard false
+start_ray_node ray-worker "2 nodes in the cluster" 2 --address "$HOST:$RAY_PORT"
 
 wait_until mlflow "healthy at http://$HOST:$MLFLOW_PORT" http_ok "http://$HOST:$MLFLOW_PORT/health"
 curl -fsS --max-time 10 -o /dev/null -u "$ADMIN_USER:$ADMIN_PASSWORD" \

@@ -213,6 +213,10 @@ def raylet_node_id(worker: psutil.Process) -> str:
     raise AssertionError(f"worker {worker.pid} has no raylet among its parents")
 
 
+class RayNodeTimedOut(RuntimeError):
+    """`ray start` gave up waiting for its raylet to register (Ray's fixed 30 s)."""
+
+
 @dataclass
 class RayNode:
     """One `ray start --block` process; terminating it shuts its node down."""
@@ -222,7 +226,19 @@ class RayNode:
     log: Path
 
     @classmethod
-    def start(cls, args: list[str], env: dict[str, str]) -> RayNode:
+    def start(cls, args: list[str], env: dict[str, str], attempts: int = 3) -> RayNode:
+        """Ray gives a new node's raylet a fixed 30 s to register; on a busy machine that can pass,
+        and `ray start` exits saying so: such a start is tried again."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return cls._start_once(args, env)
+            except RayNodeTimedOut:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start_once(cls, args: list[str], env: dict[str, str]) -> RayNode:
         # Short, private temp dirs: Ray's socket paths must stay under the 107-byte limit.
         temp_dir = Path(tempfile.mkdtemp(prefix="gp-ray-", dir="/tmp"))
         log = temp_dir / "ray-start.log"
@@ -241,7 +257,8 @@ class RayNode:
             if process.poll() is not None or time.monotonic() > deadline:
                 said = log.read_text()[-3000:]  # before stopping the node removes its directory
                 stop_nodes([node])
-                raise RuntimeError(f"`ray start {' '.join(args)}` did not come up:\n{said}")
+                failure = RayNodeTimedOut if "timed out during startup" in said else RuntimeError
+                raise failure(f"`ray start {' '.join(args)}` did not come up:\n{said}")
             time.sleep(0.5)
         return node
 
