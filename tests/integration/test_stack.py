@@ -1,4 +1,5 @@
-"""The local server stack (infra/stack): real MLflow with basic auth, Prefect and a two-node Ray cluster.
+"""The local server stack (infra/stack): real MLflow with basic auth, Prefect and a two-node Ray cluster,
+which also serves the multi-node training tests (placement, a killed worker resuming).
 
 The stack runs on free loopback ports in a temporary directory; the fixture stops it even when a test
 fails, and the last test checks that stopping leaves no process behind.
@@ -6,8 +7,11 @@ fails, and the last test checks that stopping leaves no process behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import shlex
+import signal
 import socket
 import stat
 import subprocess
@@ -20,11 +24,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 from conftest import scheduled_runs, wait_until
 from mlflow.exceptions import MlflowException
 from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
+from ray_checkpoints import registered_step
+from two_nodes import JOB_BATCH, JOB_EPOCHS, DriverRun
+
+from components.training.trainer import STATE_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -286,6 +295,77 @@ def test_genpipe_run_trains_on_the_stack_and_registers_there(stack, tmp_path):
     assert list(sessions.glob("python-core-driver-*")), "the flow's driver connected to the stack's Ray"
     with urllib.request.urlopen(f"{stack.exports['PREFECT_API_URL']}/flow_runs/count", b"{}") as reply:
         assert int(reply.read()) >= 1, "the flow run was recorded by the stack's Prefect server"
+
+
+# --- The stack's two Ray nodes as a cluster: placement and a killed worker -----------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_run(stack, digits_root, tmp_path_factory) -> tuple[DriverRun, dict]:
+    """`digits_job` trained uninterrupted on the stack's head and worker, one Ray Train worker each."""
+    run = stack_driver(stack, tmp_path_factory.mktemp("cluster-run"), "two-nodes")
+    return run, run.run(digits_root / "prepared", nodes=2)
+
+
+def stack_driver(stack: Stack, work: Path, name: str, **settings) -> DriverRun:
+    roots = [int((stack.state / "pids" / f"{node}.pid").read_text()) for node in ("ray-head", "ray-worker")]
+    return DriverRun(stack.exports["RAY_ADDRESS"], stack.client_env(), roots, work, name, **settings)
+
+
+def test_two_node_training_places_one_worker_on_each_node(cluster_run, digits):
+    run, outcome = cluster_run
+    assert len(outcome["nodes"]) == 2, outcome["nodes"]
+    assert sorted(run.workers.values()) == outcome["nodes"], f"workers by node: {run.workers}"
+    steps_per_epoch = -(-len(digits.train) // 2 // JOB_BATCH)
+    assert outcome["steps"] == JOB_EPOCHS * steps_per_epoch
+    assert [h["epoch"] for h in outcome["history"]] == list(range(1, JOB_EPOCHS + 1))
+
+
+def checkpoint_steps(run_dir: Path, known: dict[str, int]) -> None:
+    """Adds to `known` the step of each complete checkpoint in `run_dir` not seen before."""
+    for directory in run_dir.glob("checkpoint_*"):
+        if directory.name not in known:
+            with contextlib.suppress(OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # mid-copy
+                known[directory.name] = torch.load(directory / STATE_FILE, weights_only=True)["step"]
+
+
+def test_killed_worker_resumes_from_the_latest_checkpoint(stack, cluster_run, digits_root, tmp_path):
+    """SIGKILL one of the two workers once Ray has registered a checkpoint: the group restarts, every
+    checkpoint written afterwards is past the registered one (a restart from scratch would write
+    step 5 again), and the run ends where the uninterrupted run on the same nodes did."""
+    every = 5
+    run = stack_driver(stack, tmp_path, "killed", checkpoint_every_steps=every, max_failures=2)
+    seen: dict[str, int] = {}
+    kill: dict = {}
+
+    def kill_once_registered() -> None:
+        checkpoint_steps(run.run_dir, seen)
+        if kill or (registered := registered_step(run.run_dir)) < every:
+            return
+        group = run.current_workers()
+        assert len(group) == 2, f"expected two Ray Train workers, found {group}"
+        kill.update(after=registered, group={w.pid for w in group}, before={*seen})
+        group[-1].send_signal(signal.SIGKILL)
+
+    outcome = run.run(digits_root / "prepared", nodes=2, while_running=kill_once_registered)
+
+    assert kill, f"training ended before a worker could be killed: {outcome}"
+    assert set(run.workers) - kill["group"], "no new Ray Train worker was started after the kill"
+    after_kill = sorted(step for name, step in seen.items() if name not in kill["before"])
+    assert after_kill, "no checkpoint was written after the kill"
+    assert min(after_kill) > kill["after"], (
+        f"restarted from scratch: checkpoints after the kill at steps {after_kill}, "
+        f"but step {kill['after']} was already registered"
+    )
+    baseline = cluster_run[1]["history"]
+    assert outcome["steps"] == cluster_run[1]["steps"] and outcome["diverged"] is None
+    assert [h["epoch"] for h in outcome["history"]] == [h["epoch"] for h in baseline]
+    assert all(set(h) == set(b) for h, b in zip(outcome["history"], baseline, strict=True))
+    final, expected = outcome["history"][-1]["val_negative_elbo"], baseline[-1]["val_negative_elbo"]
+    progress = baseline[0]["val_negative_elbo"] - expected
+    assert abs(final - expected) < 0.1 * progress, (
+        f"resumed run ends at {final:.3f} nats, uninterrupted at {expected:.3f} (epoch-1 to end: {progress:.3f})"
+    )
 
 
 def test_down_stops_every_process_and_is_safe_to_repeat(stack):
