@@ -310,3 +310,19 @@ def digits(digits_root):
     from components.data.prepared import load_prepared
 
     return load_prepared(digits_root / "prepared")
+
+
+def cpu_job(model, *, epochs: int, batch_size: int, lr: float, seed: int = 0, **settings):
+    """A TrainJob of `model` (a ModelSpec) with what a test varies; the rest as a test on the CPU wants
+    it: precision resolved as on the machine ("auto"), no compile, no checkpoints, no sample grids."""
+    from components.training.trainer import TrainJob
+
+    neutral = {"checkpoint_every_steps": 0, "sample_every_epochs": 0, "precision": "auto", "compile": False}
+    return TrainJob(
+        model=model.to_dict(),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        **{**neutral, **settings},
+    )

@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from components.models import list_models
 from components.models.factory import model_class
-from components.registry.store import registry_status, remembered, resolve_tracking_uri
+from components.registry import store
+from components.registry.store import registry_status, remembered, resolve_tracking_uri, version_tags
 from components.registry.versions import CHALLENGER, CHAMPION
 from flows.retrain import retrain
 
@@ -146,7 +147,7 @@ def test_a_model_that_cannot_be_built_stops_the_run_before_anything_trains(train
     assert len(runs) == runs_before + 1 and runs[0].info.status == "FAILED"  # only the pipeline's parent run
 
 
-def test_a_model_failing_in_training_fails_its_branch_only(trained_project):
+def test_a_model_failing_in_training_fails_its_branch_only(trained_project, monkeypatch):
     # Adam moves every weight by ~lr per step: at 1e4 the VAE's ELBO overflows within its epoch.
     state = run_flow(trained_project, ["fvsbn", "vae"], per_model={"vae": {"lr": 1e4}})
     assert state.is_failed()
@@ -154,10 +155,18 @@ def test_a_model_failing_in_training_fails_its_branch_only(trained_project):
     summary = {row["model"]: row for row in state.result(raise_on_failure=False)}
     assert summary["fvsbn"]["status"] in ("promoted", "kept champion", "skipped")
     assert summary["vae"]["status"] == "failed"
-    # The run's last read is the registry's status, kept for `genpipe status` to find without MLflow.
+    # The run's last reads, the registry's status and each champion's lineage, are kept for
+    # `genpipe status` and `genpipe lineage` to find without MLflow.
     uri = resolve_tracking_uri(None, trained_project)
+    client = client_for(trained_project)
     kept = remembered(uri, "status", lambda: pytest.fail("the run's last status read was not kept"))
-    assert kept == registry_status(client_for(trained_project))
+    assert kept == registry_status(client)
+    champions = [(row["model"], row["champion"]) for row in kept if row["champion"] != "-"]
+    assert {"digits.fvsbn", "digits.vae"} <= {name for name, _ in champions}, kept
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "client_for", lambda uri: pytest.fail(f"MLflow asked again for {uri}"))
+        lineages = {(name, version): version_tags(uri, name, version) for name, version in champions}
+    assert lineages == {(n, v): client.get_model_version(n, v).tags for n, v in champions}
 
 
 def test_scheduled_deployment_has_its_cron_schedule(prefect_server, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_job
 from ray_checkpoints import CrashAfterCheckpoint, SimulatedCrash
 
 from components.config import load_params
@@ -22,7 +23,7 @@ from components.training.ray_train import (
     stream_settings,
     streamed_batches,
 )
-from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training, seed_everything
+from components.training.trainer import LocalContext, read_outcome, run_training, seed_everything
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
@@ -115,17 +116,7 @@ def test_streamed_training_resumed_mid_epoch_matches_an_uninterrupted_one(ray_in
     """Ray Data replays an epoch's order for its seeds, so a run resumed from a mid-epoch checkpoint
     skips exactly the batches it had trained on and ends with the same weights."""
     spec = create_model("vae", sharded.image_shape, **FAMILIES["vae"]).spec
-    job = TrainJob(
-        model=spec.to_dict(),
-        epochs=2,
-        batch_size=BATCH,
-        lr=1e-3,
-        seed=SEED,
-        checkpoint_every_steps=7,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    job = cpu_job(spec, epochs=2, batch_size=BATCH, lr=1e-3, seed=SEED, checkpoint_every_steps=7)
     batches_per_epoch = -(-len(sharded.train) // BATCH)
     crash_step = 4 * job.checkpoint_every_steps
     assert batches_per_epoch < crash_step < 2 * batches_per_epoch - 1  # a checkpoint inside epoch 2
@@ -170,17 +161,7 @@ def test_torchtrainer_streams_the_digits_with_a_zero_threshold(ray_instance, sha
         },
     )
     spec = create_model("vae", sharded.image_shape, **FAMILIES["vae"]).spec
-    job = TrainJob(
-        model=spec.to_dict(),
-        epochs=1,
-        batch_size=BATCH,
-        lr=1e-3,
-        seed=SEED,
-        checkpoint_every_steps=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    job = cpu_job(spec, epochs=1, batch_size=BATCH, lr=1e-3, seed=SEED)
     outcome = train_model(job, sharded, params, project_dir=tmp_path, run_name="streamed-vae")
     assert outcome.steps == -(-len(sharded.train) // BATCH)
     assert [h["epoch"] for h in outcome.history] == [1]

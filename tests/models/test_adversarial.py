@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_job
 from torch import nn
 
 from components.data.prepared import PreparedData
 from components.models import create_model
 from components.models.adversarial import AdversarialModel, gradient_penalty, r1_penalty
 from components.models.model_dir import load_model_dir
-from components.training.trainer import STATE_FILE, LocalContext, TrainJob, read_outcome, run_training
+from components.training.trainer import STATE_FILE, LocalContext, read_outcome, run_training
 
 FAMILIES = ("gan", "dcgan", "wgan", "wgan-gp", "stylegan")
 SHAPES = [(1, 8, 8), (1, 28, 28), (1, 1, 2), (3, 5, 7)]
@@ -152,16 +153,8 @@ def test_wgan_clips_every_critic_weight_after_the_critic_step():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_trains_on_digits_through_the_trainer(family: str, digits: PreparedData, tmp_path: Path):
-    job = TrainJob(
-        model=create_model(family, digits.image_shape, **SMALL[family]).spec.to_dict(),
-        epochs=2,
-        batch_size=32,
-        lr=1e-3,
-        checkpoint_every_steps=0,
-        seed=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
+    job = cpu_job(
+        create_model(family, digits.image_shape, **SMALL[family]).spec, epochs=2, batch_size=32, lr=1e-3
     )
     run_training(job, digits.train.images[:192], digits.val.images, LocalContext(tmp_path))
     outcome = read_outcome(tmp_path)
@@ -200,17 +193,7 @@ def test_gan_recovers_the_modes_of_a_ring_of_gaussians(tmp_path: Path):
     always enough, 1,500 were.
     """
     spec = create_model("gan", (1, 1, 2), latent_dim=8, hidden=128).spec
-    job = TrainJob(
-        model=spec.to_dict(),
-        epochs=150,
-        batch_size=256,
-        lr=2e-3,
-        seed=0,
-        checkpoint_every_steps=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    job = cpu_job(spec, epochs=150, batch_size=256, lr=2e-3)
     run_training(job, ring_points(2560, seed=0), ring_points(256, seed=1), LocalContext(tmp_path))
     samples = load_model_dir(tmp_path).sample(2000, generator=torch.Generator().manual_seed(0))
     points = (samples.reshape(-1, 2).numpy() - 0.5) / RING_SCALE

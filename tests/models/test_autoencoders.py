@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_job
 
 from components.data.prepared import PreparedData
 from components.models import ReconstructionModel, create_model
 from components.models.model_dir import load_model_dir, save_model_dir
-from components.training.trainer import LocalContext, TrainJob, run_training
+from components.training.trainer import LocalContext, run_training
 
 FAMILIES = ("ae", "dae", "vaegan")
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 12, 10)]
@@ -116,17 +117,7 @@ def test_dae_trained_briefly_removes_more_error_than_the_corruption_adds(
 ):
     hparams = {"noise": noise, "noise_level": level, "channels": 16, "hidden": 128}
     spec = create_model("dae", digits.image_shape, **hparams).spec
-    job = TrainJob(
-        model=spec.to_dict(),
-        epochs=30,
-        batch_size=64,
-        lr=2e-3,
-        seed=0,
-        checkpoint_every_steps=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    job = cpu_job(spec, epochs=30, batch_size=64, lr=2e-3)
     run_training(job, digits.train.images, digits.val.images, LocalContext(tmp_path))
     model = load_model_dir(tmp_path)
     clean = torch.from_numpy(digits.test.images)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_job
 from scipy.stats import chisquare
 
 from components.models import create_model
@@ -21,7 +22,7 @@ from components.models.autoregressive import AutoregressiveImageModel
 from components.models.factory import model_class
 from components.models.families.made import MADE
 from components.models.model_dir import load_model_dir
-from components.training.trainer import LocalContext, TrainJob, run_training
+from components.training.trainer import LocalContext, run_training
 
 FAMILIES = ("fvsbn", "nade", "made", "pixelcnn", "pixelrnn")
 
@@ -340,17 +341,7 @@ def test_a_few_epochs_on_digits_lower_the_test_nll(name, hparams, digits, tmp_pa
     x_test = torch.from_numpy(digits.test.binary.astype(np.float32))
     torch.manual_seed(0)
     untrained = create_model(name, digits.image_shape, **hparams)
-    job = TrainJob(
-        model=untrained.spec.to_dict(),
-        epochs=8,
-        batch_size=64,
-        lr=0.01,
-        seed=0,
-        checkpoint_every_steps=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    job = cpu_job(untrained.spec, epochs=8, batch_size=64, lr=0.01)
     run_training(job, digits.train.images, digits.val.binary.astype(np.float32), LocalContext(tmp_path))
     trained = load_model_dir(tmp_path)
     with torch.no_grad():
@@ -370,17 +361,7 @@ def test_the_8bit_form_trains_on_the_grey_values_themselves(name, hparams, digit
     torch.manual_seed(0)
     untrained = create_model(name, digits.image_shape, **hparams, pixels="8bit", levels=17)
     assert untrained.data_kind == "continuous"
-    job = TrainJob(
-        model=untrained.spec.to_dict(),
-        epochs=4,
-        batch_size=64,
-        lr=0.01,
-        seed=0,
-        checkpoint_every_steps=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    job = cpu_job(untrained.spec, epochs=4, batch_size=64, lr=0.01)
     run_training(job, digits.train.images, digits.val.for_kind(untrained.data_kind), LocalContext(tmp_path))
     trained = load_model_dir(tmp_path)
     with torch.no_grad():

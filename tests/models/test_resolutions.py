@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_job
 
 from components.models import create_model
 from components.models.layers import ConvEncoder, downsampling_stages
 from components.models.model_dir import load_model_dir
-from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training
+from components.training.trainer import LocalContext, read_outcome, run_training
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]
 # Tiny widths: the point is the shapes and the phases, not the capacity.
@@ -77,17 +78,7 @@ def test_an_image_below_the_minimum_is_refused_naming_family_and_shape(family: s
 def test_family_trains_in_process_on_rgb_32(family: str, tmp_path: Path):
     """A few real trainer steps at 3x32x32: two epochs of 16 images in batches of 8."""
     spec = create_model(family, (3, 32, 32), **TINY[family]).spec
-    job = TrainJob(
-        model=spec.to_dict(),
-        epochs=2,
-        batch_size=8,
-        lr=1e-3,
-        checkpoint_every_steps=0,
-        seed=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    job = cpu_job(spec, epochs=2, batch_size=8, lr=1e-3)
     images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy()
     run_training(job, images, images[:8], LocalContext(tmp_path))
     outcome = read_outcome(tmp_path)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_job
 
 from components.models import create_model
 from components.models.model_dir import load_model_dir
-from components.training.trainer import LocalContext, TrainJob, run_training
+from components.training.trainer import LocalContext, run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,17 +67,7 @@ def test_the_8bit_vae_trains_on_the_grey_values(digits, tmp_path: Path):
     x_test = torch.from_numpy(digits.test.images)
     torch.manual_seed(0)
     untrained = create_model("vae", digits.image_shape, **TINY, pixels="8bit", levels=17)
-    job = TrainJob(
-        model=untrained.spec.to_dict(),
-        epochs=4,
-        batch_size=64,
-        lr=0.01,
-        seed=0,
-        checkpoint_every_steps=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    job = cpu_job(untrained.spec, epochs=4, batch_size=64, lr=0.01)
     run_training(job, digits.train.images, digits.val.for_kind(untrained.data_kind), LocalContext(tmp_path))
     trained = load_model_dir(tmp_path)
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_job
 
 from components.models import create_model
 from components.models.model_dir import load_model_dir
@@ -16,17 +17,7 @@ BATCH = 128
 
 def job_for(digits, family: str, **hparams) -> TrainJob:
     spec = create_model(family, digits.image_shape, **hparams).spec
-    return TrainJob(
-        model=spec.to_dict(),
-        epochs=2,
-        batch_size=BATCH,
-        lr=1e-3,
-        seed=5,
-        checkpoint_every_steps=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    return cpu_job(spec, epochs=2, batch_size=BATCH, lr=1e-3, seed=5)
 
 
 def test_uint8_pixels_on_the_device_give_the_float_batches_of_the_scaled_split(digits):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_job
 
 from components.models import create_model
 from components.models.model_dir import load_model_dir
-from components.training.trainer import LocalContext, TrainJob, _first_images, read_outcome, run_training
+from components.training.trainer import LocalContext, _first_images, read_outcome, run_training
 
 TINY = {"vae": {"latent_dim": 4, "channels": 8, "hidden": 32}, "ae": {}}
 
@@ -19,17 +20,7 @@ def test_grids_every_k_epochs_and_at_the_end_leave_training_unchanged(digits, tm
     spec = create_model(family, digits.image_shape, **TINY[family]).spec
     outcomes, models = {}, {}
     for every in (0, 2):
-        job = TrainJob(
-            model=spec.to_dict(),
-            epochs=3,
-            batch_size=256,
-            lr=1e-3,
-            seed=3,
-            checkpoint_every_steps=0,
-            sample_every_epochs=every,
-            precision="auto",
-            compile=False,
-        )
+        job = cpu_job(spec, epochs=3, batch_size=256, lr=1e-3, seed=3, sample_every_epochs=every)
         output = tmp_path / f"every-{every}"
         run_training(job, digits.train.images, digits.val.binary.astype(np.float32), LocalContext(output))
         outcomes[every], models[every] = read_outcome(output), load_model_dir(output)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_job
 
 from components.models import create_model
 from components.models.model_dir import load_model_dir
@@ -15,17 +16,7 @@ from components.training.trainer import LocalContext, TrainJob, read_outcome, ru
 
 def vae_job(digits, epochs: int) -> TrainJob:
     spec = create_model("vae", digits.image_shape, latent_dim=4, channels=8, hidden=32).spec
-    return TrainJob(
-        model=spec.to_dict(),
-        epochs=epochs,
-        batch_size=128,
-        lr=1e-3,
-        seed=3,
-        checkpoint_every_steps=0,
-        precision="auto",
-        compile=False,
-        sample_every_epochs=0,
-    )
+    return cpu_job(spec, epochs=epochs, batch_size=128, lr=1e-3, seed=3)
 
 
 def train(digits, job: TrainJob, output: Path):
