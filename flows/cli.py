@@ -381,7 +381,7 @@ def promote(
     """Make a version champion by hand (recorded, and published to production)."""
     from mlflow.exceptions import MlflowException
 
-    from components.registry.store import client_for, status_rows
+    from components.registry.store import client_for, keep_reads
     from components.registry.versions import promote_manually, publish_to_production
 
     params, uri, client = _tracking(project_dir)
@@ -395,7 +395,7 @@ def promote(
         published = publish_to_production(client, name, version, registry.production_prefix, production)
     except MlflowException as err:
         raise _fail(f"{name} v{version}: {err.message}") from err
-    status_rows(uri)
+    keep_reads(uri)
     console.print(
         f"{name}: champion -> v{version} ({reason}); published as {published.name} v{published.version}"
     )
@@ -404,7 +404,7 @@ def promote(
 @app.command()
 def rollback(model: ModelArgument, project_dir: ProjectDir = Path(".")) -> None:
     """Move champion back to the previous champion."""
-    from components.registry.store import status_rows
+    from components.registry.store import keep_reads
     from components.registry.versions import rollback as roll_back
 
     params, uri, client = _tracking(project_dir)
@@ -413,7 +413,7 @@ def rollback(model: ModelArgument, project_dir: ProjectDir = Path(".")) -> None:
         current, previous = roll_back(client, name)
     except LookupError as err:
         raise _fail(str(err)) from err
-    status_rows(uri)
+    keep_reads(uri)
     console.print(f"{name}: champion v{current} -> v{previous}")
 
 
@@ -441,20 +441,14 @@ def lineage(
 ) -> None:
     """What a version was made from, and the commands that reproduce it."""
     from components.registry.lineage import reproduce_commands
-    from components.registry.store import client_for, remembered
+    from components.registry.store import version_tags
 
     params, uri = _store(project_dir)
     name = _registered(model, params, project_dir)
-
-    def version_tags() -> dict[str, str]:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return client_for(uri).get_model_version(name, version).tags
-        except MlflowException as err:
-            raise _fail(f"{name} v{version}: {err.message}") from err
-
-    tags = remembered(uri, f"tags of {name} v{version}", version_tags)
+    try:
+        tags = version_tags(uri, name, version)
+    except LookupError as err:
+        raise _fail(str(err)) from err
     table = Table(title=f"Lineage of {name} v{version}", show_header=False)
     for key in LINEAGE_KEYS:
         table.add_row(key, tags.get(key, "-"))

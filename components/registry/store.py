@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -107,12 +107,39 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
 
 def status_rows(tracking_uri: str) -> list[dict[str, str]]:
-    """`registry_status` of the store, remembered until the store changes (see `remembered`).
+    """`registry_status` of the store, remembered until the store changes (see `remembered`)."""
+    return remembered(tracking_uri, "status", lambda: registry_status(client_for(tracking_uri)))
+
+
+def version_tags(tracking_uri: str, name: str, version: str) -> dict[str, str]:
+    """The tags of one registered version (its lineage), remembered until the store changes.
+
+    Raises LookupError naming the version when the registry does not hold it.
+    """
+
+    def read() -> dict[str, str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(client_for(tracking_uri).get_model_version(name, version).tags)
+        except MlflowException as err:
+            raise LookupError(f"{name} v{version}: {err.message}") from err
+
+    return remembered(tracking_uri, f"tags of {name} v{version}", read)
+
+
+def keep_reads(tracking_uri: str, versions: Iterable[tuple[str, str]] = ()) -> None:
+    """Reads, and so remembers, what `genpipe status` and `genpipe lineage` will be asked next: the
+    status table, and the lineage of each champion and of `versions` (name, version).
 
     The commands that write to the registry call it last, while MLflow is loaded anyway, so the next
-    `genpipe status` finds the registry as they left it without importing MLflow.
+    read-only command finds the registry as they left it without importing MLflow.
     """
-    return remembered(tracking_uri, "status", lambda: registry_status(client_for(tracking_uri)))
+    champions = [
+        (row["model"], row["champion"]) for row in status_rows(tracking_uri) if row["champion"] != "-"
+    ]
+    for name, version in dict.fromkeys([*champions, *versions]):
+        version_tags(tracking_uri, name, version)
 
 
 def registry_status(client: MlflowClient) -> list[dict[str, str]]:
