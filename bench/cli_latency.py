@@ -28,6 +28,7 @@ from common import machine, write_results
 HERE = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS-cli-latency.md")
 MODEL, VERSION = "digits.vae", "1"
+REPEATED, GENPIPE_WRITE, OTHER_WRITE = "repeated", "genpipe write", "other write"
 
 
 def registry_project(directory: Path):
@@ -47,17 +48,20 @@ def registry_project(directory: Path):
     return client
 
 
-def commands(project: Path) -> dict[str, tuple[list[str], bool]]:
-    """Each command's arguments, and whether the store is written to just before it runs: the first
-    read after a change asks MLflow, a repeated one finds what it read then (`store.remembered`)."""
+def commands(project: Path) -> dict[str, tuple[list[str], str]]:
+    """Each command's arguments, and what happens to the store just before it runs: nothing (the same
+    read ran just before: a repeated read), a write by genpipe (which ends by keeping the reads the
+    next commands need: `store.keep_reads`), or a write by another program (the MLflow UI, a script)."""
     status, lineage = ["status", "-C", str(project)], ["lineage", MODEL, VERSION, "-C", str(project)]
     return {
-        "genpipe --help": (["--help"], False),
-        "genpipe models": (["models"], False),
-        "genpipe status, store unchanged since the last read": (status, False),
-        "genpipe status, first read after a write": (status, True),
-        "genpipe lineage, store unchanged since the last read": (lineage, False),
-        "genpipe lineage, first read after a write": (lineage, True),
+        "genpipe --help": (["--help"], REPEATED),
+        "genpipe models": (["models"], REPEATED),
+        "genpipe status, store unchanged since the last read": (status, REPEATED),
+        "genpipe status, first read after a genpipe write": (status, GENPIPE_WRITE),
+        "genpipe status, first read after another program's write": (status, OTHER_WRITE),
+        "genpipe lineage, store unchanged since the last read": (lineage, REPEATED),
+        "genpipe lineage, first read after a genpipe write": (lineage, GENPIPE_WRITE),
+        "genpipe lineage, first read after another program's write": (lineage, OTHER_WRITE),
     }
 
 
@@ -89,10 +93,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not write {RESULTS.name}")
     args = parser.parse_args()
+    from components.registry.store import keep_reads, resolve_tracking_uri
+
     checkouts = dict(item.split("=", 1) for item in args.checkout or [f"this checkout={HERE}"])
     load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="genpipe-cli-latency-") as tmp:
         client = registry_project(Path(tmp))
+        uri = resolve_tracking_uri(None, tmp)
         jobs = commands(Path(tmp))
         for label, checkout in checkouts.items():  # one untimed run each: byte-compiles, warms the page cache
             for arguments, _ in jobs.values():
@@ -100,12 +107,14 @@ def main() -> None:
             print(f"warmed up {label}", file=sys.stderr)
         times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for round_ in range(args.repeat):
-            for command, (arguments, after_a_write) in jobs.items():
+            for command, (arguments, before) in jobs.items():
                 for label, checkout in checkouts.items():
-                    if after_a_write:
-                        client.set_registered_model_tag(MODEL, "bench_round", f"{round_} {label}")
-                    else:  # the same read just before, untimed: what it measures is a repeated read
+                    if before == REPEATED:  # the same read just before, untimed
                         timed(Path(checkout), arguments)
+                    else:
+                        client.set_registered_model_tag(MODEL, "bench_round", f"{round_} {label} {command}")
+                    if before == GENPIPE_WRITE:  # what the flow, promote and rollback end with
+                        keep_reads(uri, [(MODEL, VERSION)])
                     times.setdefault((command, label), []).append(timed(Path(checkout), arguments))
 
     header = "| command | " + " | ".join(
@@ -125,9 +134,11 @@ def main() -> None:
             "",
             f"Wall and CPU (user + system) time of a new process per command (`python -m flows.cli ...`), "
             f"median of {args.repeat} runs after one warm-up run; a project whose SQLite registry holds one "
-            'champion version. "After a write": a registered-model tag is set just before, so the command '
-            "has to ask MLflow; otherwise it finds its last read of the unchanged store. On a shared "
-            "machine the CPU time is the steadier figure: a quiet machine's wall time is close to it.",
+            'champion version. "After a write": a registered-model tag is set just before; genpipe\'s own '
+            "writes (a run, promote, rollback) end by reading what the next commands ask (`keep_reads`), "
+            "another program's do not, so the command has to ask MLflow. Otherwise the same read ran just "
+            "before. On a shared machine the CPU time is the steadier figure: a quiet machine's wall time "
+            "is close to it.",
             "",
             f"Machine: {machine()}; 1-minute load average {load_at_start:.1f} at the start "
             "(other jobs share this machine).",
