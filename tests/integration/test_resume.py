@@ -1,8 +1,8 @@
-"""Case 0 of issue 14 with the default set-up (no Prefect server configured, so every `genpipe run`
-starts its own temporary server on the database in PREFECT_HOME): the pipeline and all its children
-are killed mid-training; `--resume` takes the project over at once, continues from the last Ray
-checkpoint, registers exactly one version and ends the dead run's MLflow runs and flow run, from the
-run journal; a plain run after it works too."""
+"""Case 0 of issue 14, with the default set-up (no Prefect server configured, so every `genpipe run`
+starts its own temporary server on the database in PREFECT_HOME) and against a shared
+`prefect server start`: the pipeline and all its children are killed mid-training; `--resume` takes
+the project over at once, continues from the last Ray checkpoint, registers exactly one version and
+ends the dead run's MLflow runs and flow run, from the run journal; a plain run after it works too."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ray_checkpoints import registered_step
 
 from components.registry.store import resolve_tracking_uri
 from flows.journal import ABANDONED_TAG, JOURNAL_FILE
+from flows.registry_turn import limit_name
 
 pytestmark = pytest.mark.integration
 
@@ -30,33 +31,70 @@ GENPIPE = [sys.executable, "-m", "flows.cli"]
 EPOCHS = 10  # 200 steps: the pipeline is killed after step 5, well before the end
 
 
-def default_setup_env(tmp_path: Path, ray_instance) -> dict[str, str]:
-    """No Prefect API configured: each run starts a temporary server on its own PREFECT_HOME."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
-    return {
-        **env,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+class TemporaryServers:
+    """No Prefect API configured: each run starts a temporary server on its own PREFECT_HOME, which
+    dies with the run; what it recorded is read from its database."""
+
+    def __init__(self, tmp_path: Path):
+        self.home = tmp_path / "prefect-home"
         # A busy test machine can take longer than the default 20 s to start the temporary server.
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-        "PYTHONPATH": str(CODE_ROOT),  # the code under test, not another checkout's installed copy
-        "RAY_ADDRESS": ray_instance.get_runtime_context().gcs_address,
-    }
+        self.env = {"PREFECT_HOME": str(self.home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+
+    def _query(self, query: str, *args) -> list[tuple]:
+        with sqlite3.connect(self.home / "prefect.db") as db:
+            return db.execute(query, args).fetchall()
+
+    def active_slots(self, limit: str) -> int:
+        (slots,) = self._query("select active_slots from concurrency_limit_v2 where name = ?", limit)
+        return slots[0]
+
+    def flow_run_state(self, flow_run_id: str) -> str:
+        states = self._query("select id, state_type from flow_run")
+        (state,) = [s for run_id, s in states if run_id.replace("-", "") == flow_run_id.replace("-", "")]
+        return state
 
 
-def prefect_db(env: dict[str, str], query: str, *args) -> list[tuple]:
-    with sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db") as db:
-        return db.execute(query, args).fetchall()
+class SharedServer:
+    """Every run talks to one `prefect server start` that outlives them (the test session's)."""
+
+    def __init__(self, url: str):
+        self.env = {"PREFECT_API_URL": url}
+
+    def active_slots(self, limit: str) -> int:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(limit).active_slots
+
+    def flow_run_state(self, flow_run_id: str) -> str:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id).state.type.value
+
+
+@pytest.fixture(params=["temporary servers", "shared server"])
+def prefect_setup(request, tmp_path):
+    if request.param == "temporary servers":
+        return TemporaryServers(tmp_path)
+    return SharedServer(request.getfixturevalue("prefect_server"))
 
 
 def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
-    tmp_path, ray_instance, project_factory
+    prefect_setup, tmp_path, ray_instance, project_factory
 ):
     project = project_factory(tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"].update(checkpoint_every_steps=5, epochs=EPOCHS)
     params["evaluate"].update(num_samples=100)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    env = default_setup_env(tmp_path, ray_instance)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env.update(
+        prefect_setup.env,
+        PYTHONPATH=str(CODE_ROOT),  # the code under test, not another checkout's installed copy
+        RAY_ADDRESS=ray_instance.get_runtime_context().gcs_address,
+    )
+    registry_limit = limit_name(resolve_tracking_uri(None, project))
     command = [*GENPIPE, "run", "--models", "nade", "-C", str(project)]
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -70,9 +108,7 @@ def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
     driver.wait()
     dead = json.loads((project / JOURNAL_FILE).read_text())
     assert dead["holder"]["pid"] == driver.pid and dead["registry_lease"]
-    assert list(dead["ray_runs"]) and prefect_db(env, "select active_slots from concurrency_limit_v2") == [
-        (1,)
-    ]
+    assert list(dead["ray_runs"]) and prefect_setup.active_slots(registry_limit) == 1
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -89,16 +125,11 @@ def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
     abandoned = [r for r in runs if r.info.status == "KILLED"]
     assert sorted(r.data.tags["mlflow.runName"].split("-")[0] for r in abandoned) == ["nade", "retrain"]
     assert all(f"pid {driver.pid}" in r.data.tags[ABANDONED_TAG] for r in abandoned)
-    (dead_state,) = [
-        state
-        for flow_run_id, state in prefect_db(env, "select id, state_type from flow_run")
-        if flow_run_id.replace("-", "") == dead["holder"]["flow_run"].replace("-", "")
-    ]
-    assert dead_state == "CRASHED"
+    assert prefect_setup.flow_run_state(dead["holder"]["flow_run"]) == "CRASHED"
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "nothing done" not in again.stdout + again.stderr
     assert len(client.search_model_versions("name = 'digits.nade'")) == 1
-    assert prefect_db(env, "select active_slots from concurrency_limit_v2") == [(0,)]
+    assert prefect_setup.active_slots(registry_limit) == 0
     assert not (project / JOURNAL_FILE).exists(), "nothing is left for a later run to clean up"
