@@ -132,7 +132,7 @@ class AutoregressiveImageModel(PixelForm, DensityModel):
 
     #: True when the output at image row r depends only on rows <= r and is the same for an image
     #: cropped below row r (convolutional and row-recurrent families): the default sampler then runs
-    #: the network on the rows drawn so far instead of the whole image.
+    #: the network on the rows drawn so far instead of the whole image (see `sampling_rows_above`).
     row_prefix_sampling: ClassVar[bool] = False
     #: True: raster order over pixels, a pixel's channels in turn (the convolutional and recurrent
     #: families); False: the flattened C x H x W order (the fully connected families).
@@ -187,10 +187,27 @@ class AutoregressiveImageModel(PixelForm, DensityModel):
         """
         _, height, width = self.image_shape
         images = x.view(len(x), *self.image_shape)
+        reach = self.sampling_reach()
         for i in self.ordering().tolist():
             channel, row, column = i // (height * width), i // width % height, i % width
-            seen = images[:, :, : row + 1] if self.row_prefix_sampling else images
-            yield i, self.params(seen)[:, channel, row, column]
+            if not self.row_prefix_sampling:
+                yield i, self.params(images)[:, channel, row, column]
+                continue
+            top, left, right = 0, 0, width
+            if reach is not None:
+                top, left, right = max(0, row - reach[0]), max(0, column - reach[1]), column + reach[1] + 1
+            window = images[:, :, top : row + 1, left:right]
+            yield i, self.params_at(window, row - top, column - left)[:, channel]
+
+    def sampling_reach(self) -> tuple[int, int] | None:
+        """How far the output at a pixel reads: rows above its own, columns to either side (None:
+        the whole image). A `row_prefix_sampling` family that knows it lets the sampler run the
+        network on that window only, so a step costs the same anywhere in an image of any size."""
+        return None
+
+    def params_at(self, images: Tensor, row: int, column: int) -> Tensor:
+        """`params(images)` at one pixel, N x C x P; a family may compute only what that pixel needs."""
+        return self.params(images)[:, :, row, column]
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -228,9 +228,18 @@ def test_a_sampler_that_ignores_the_order_fails_the_agreement_test(name, hparams
     ("name", "hparams"), cases_in_every_form([p for p in TINY if p.id != "made-3-masks"])
 )
 def test_the_samplers_step_by_step_params_equal_the_one_pass_params(name, hparams):
-    """Families that compute the next conditional incrementally (NADE, FVSBN, Row LSTM) must agree."""
-    shape = shape_of(hparams, 3, 4)
+    """Families that compute the next conditional incrementally (NADE, FVSBN, Row LSTM) must agree, and
+    so must PixelCNN's sampler, which runs the network only on the window its output at a pixel
+    reads (here smaller than the image: first kernel 3, two blocks, so 3 or 4 rows above and 3
+    columns to either side in a 7 x 8 image)."""
+    height, width = (7, 8) if name == "pixelcnn" else (3, 4)
+    if name == "pixelcnn":
+        hparams = {**hparams, "first_kernel_size": 3}
+    shape = shape_of(hparams, height, width)
     model = random_model(name, hparams, shape)
+    if name == "pixelcnn":
+        rows_above, columns_aside = model.sampling_reach()
+        assert rows_above < height - 1 and 2 * columns_aside + 1 < width, "no cropped window is exercised"
     d, levels = model.num_dims, levels_of(hparams)
     images = torch.randint(levels, (5, d), generator=torch.Generator().manual_seed(3)).double() / (levels - 1)
     with torch.no_grad():

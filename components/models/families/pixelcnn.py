@@ -118,6 +118,11 @@ class PixelCNN(AutoregressiveImageModel):
         )
         c = self.image_shape[0]
         self.gated = self.pixels == "8bit" if gated is None else gated
+        # The first convolution reads first_kernel_size // 2 rows above and columns to either side,
+        # each block kernel_size // 2 more; the gated body's horizontal stack reads the vertical one
+        # shifted down a row.
+        spread = first_kernel_size // 2 + num_blocks * (kernel_size // 2)
+        self.reach = (spread + int(self.gated), spread)
         if self.gated:
             self.vertical_in = VerticalConv(c, channels, first_kernel_size)
             self.horizontal_in = MaskedConv2d(c, channels, (1, first_kernel_size), "A", image_channels=c)
@@ -131,9 +136,24 @@ class PixelCNN(AutoregressiveImageModel):
             )
 
     def params(self, x: Tensor) -> Tensor:
+        return subpixel_params(self._output_head(self._features(x)), self.image_shape[0])
+
+    def params_at(self, images: Tensor, row: int, column: int) -> Tensor:
+        """The head is per pixel (1x1 convolutions): it runs on the one pixel asked for."""
+        features = self._features(images)[:, :, row : row + 1, column : column + 1]
+        return subpixel_params(self._output_head(features), self.image_shape[0])[:, :, 0, 0]
+
+    def sampling_reach(self) -> tuple[int, int]:
+        return self.reach
+
+    def _features(self, x: Tensor) -> Tensor:
+        """What the output head reads at every pixel."""
         if not self.gated:
-            return subpixel_params(self.net(x), self.image_shape[0])
+            return self.net[:-1](x)
         vertical, horizontal = self.vertical_in(x), self.horizontal_in(x)
         for block in self.blocks:
             vertical, horizontal = block(vertical, horizontal)
-        return subpixel_params(self.head(horizontal), self.image_shape[0])
+        return horizontal
+
+    def _output_head(self, features: Tensor) -> Tensor:
+        return self.head(features) if self.gated else self.net[-1](features)
