@@ -326,3 +326,16 @@ def cpu_job(model, *, epochs: int, batch_size: int, lr: float, seed: int = 0, **
         seed=seed,
         **{**neutral, **settings},
     )
+
+
+# Tiny widths of the sample-quality families, for tests of their shapes and code paths, not capacity.
+TINY_SAMPLE_QUALITY = {
+    "ae": {"latent_dim": 4, "channels": 4, "hidden": 16},
+    "dae": {"latent_dim": 4, "channels": 4, "hidden": 16},
+    "vaegan": {"latent_dim": 4, "channels": 4, "hidden": 16},
+    "gan": {"latent_dim": 4, "hidden": 16},
+    "dcgan": {"latent_dim": 4, "width": 4},
+    "wgan": {"latent_dim": 4, "width": 4, "n_critic": 2},
+    "wgan-gp": {"latent_dim": 4, "width": 4, "n_critic": 2},
+    "stylegan": {"latent_dim": 4, "width": 8, "mapping_layers": 2},
+}

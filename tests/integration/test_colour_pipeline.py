@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_SAMPLE_QUALITY
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from scored import assert_scored
@@ -33,14 +34,7 @@ TINY = {
     "made": {"hidden": 32},
     "pixelcnn": {"channels": 8, "num_blocks": 1},
     "pixelrnn": {"channels": 8, "hidden": 4, "num_layers": 1},
-    "ae": {"latent_dim": 4, "channels": 4, "hidden": 16},
-    "dae": {"latent_dim": 4, "channels": 4, "hidden": 16},
-    "vaegan": {"latent_dim": 4, "channels": 4, "hidden": 16},
-    "gan": {"latent_dim": 4, "hidden": 16},
-    "dcgan": {"latent_dim": 4, "width": 4},
-    "wgan": {"latent_dim": 4, "width": 4, "n_critic": 2},
-    "wgan-gp": {"latent_dim": 4, "width": 4, "n_critic": 2},
-    "stylegan": {"latent_dim": 4, "width": 8, "mapping_layers": 2},
+    **TINY_SAMPLE_QUALITY,
 }
 SAMPLES = 16
 

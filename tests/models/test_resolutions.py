@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_job
+from conftest import TINY_SAMPLE_QUALITY, cpu_job
 
 from components.models import create_model
 from components.models.layers import ConvEncoder, downsampling_stages
@@ -16,17 +16,7 @@ from components.models.model_dir import load_model_dir
 from components.training.trainer import LocalContext, read_outcome, run_training
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]
-# Tiny widths: the point is the shapes and the phases, not the capacity.
-TINY = {
-    "ae": {"latent_dim": 4, "channels": 4, "hidden": 16},
-    "dae": {"latent_dim": 4, "channels": 4, "hidden": 16},
-    "vaegan": {"latent_dim": 4, "channels": 4, "hidden": 16},
-    "gan": {"latent_dim": 4, "hidden": 16},
-    "dcgan": {"latent_dim": 4, "width": 4},
-    "wgan": {"latent_dim": 4, "width": 4, "n_critic": 2},
-    "wgan-gp": {"latent_dim": 4, "width": 4, "n_critic": 2},
-    "stylegan": {"latent_dim": 4, "width": 8, "mapping_layers": 2},
-}
+TINY = TINY_SAMPLE_QUALITY
 CONVOLUTIONAL_AUTOENCODERS = ("ae", "dae", "vaegan")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
