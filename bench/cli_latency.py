@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, write_results
+from common import machine, publish, results_arguments
 
 HERE = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS-cli-latency.md")
@@ -91,7 +91,7 @@ def main() -> None:
         help="a checkout to measure (repeatable); default: this one",
     )
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true", help=f"print only; do not write {RESULTS.name}")
+    results_arguments(parser, RESULTS)
     args = parser.parse_args()
     from components.registry.store import keep_reads, resolve_tracking_uri
 
@@ -148,9 +148,7 @@ def main() -> None:
             *lines,
         ]
     )
-    print(report)
-    if not args.no_write:
-        write_results(RESULTS, report)
+    publish(args, report)
 
 
 if __name__ == "__main__":

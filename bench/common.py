@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.data.importers import read_dataset
+from components.data.importers import BUILTINS, builtin_dataset, read_dataset
 from components.data.prepared import PreparedData, load_prepared, prepare
-from components.data.raw import DataError, RawDataset, builtin_digits, write_raw
+from components.data.raw import DataError, RawDataset, write_raw
 
 ANALYSIS_HEADING = "## Analysis"
 
@@ -21,24 +21,57 @@ ANALYSIS_HEADING = "## Analysis"
 def data_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose what `load_data` loads."""
     parser.add_argument(
-        "--data", help="IDX file or folder (or .npz / image folder); default: built-in digits"
+        "--data",
+        default="digits",
+        help=f"a built-in dataset ({', '.join(BUILTINS)}) or an IDX file or folder, .npz or image folder; "
+        "default: the built-in digits",
     )
+    parser.add_argument("--size", type=int, help="images to render (built-in shapes only)")
+    parser.add_argument("--resolution", type=int, help="image side to render (built-in shapes only)")
     parser.add_argument("--max-images", type=int, help="use a random subset of this many images")
 
 
-def load_data(path: str | None, max_images: int | None, work: Path) -> PreparedData:
-    """The built-in digits, or the dataset at `path` (IDX, .npz or images), prepared as the pipeline does."""
+def load_data(args: argparse.Namespace, work: Path) -> PreparedData:
+    """The dataset `data_arguments` chose, prepared (split, fixed binarised copies) as the pipeline does."""
     try:
-        raw = builtin_digits() if path is None else read_dataset(Path(path))
+        if args.data in BUILTINS:
+            raw = builtin_dataset(args.data, size=args.size, resolution=args.resolution)
+        elif args.size is not None or args.resolution is not None:
+            raise DataError(f"{args.data}: --size and --resolution render a built-in dataset, not a file")
+        else:
+            raw = read_dataset(Path(args.data))
     except DataError as err:
         raise SystemExit(f"--data: {err}") from err
-    if max_images is not None and max_images < len(raw.images):
-        keep = np.random.default_rng(0).permutation(len(raw.images))[:max_images]
+    if args.max_images is not None and args.max_images < len(raw.images):
+        keep = np.random.default_rng(0).permutation(len(raw.images))[: args.max_images]
         labels = None if raw.labels is None else raw.labels[keep]
         raw = RawDataset(raw.images[keep], labels, raw.name, raw.source)
+    return prepared_in(work, raw)
+
+
+def prepared_in(work: Path, raw: RawDataset) -> PreparedData:
+    """`raw` written and prepared under `work` as the pipeline's `prepare` stage does, then loaded."""
     write_raw(raw, work / "raw")
     prepare(work / "raw", work / "prepared", 0.1, 0.2, 0)
     return load_prepared(work / "prepared")
+
+
+def results_arguments(parser: argparse.ArgumentParser, default: Path) -> None:
+    """`--results` (where the report goes) and `--no-write` (print it only)."""
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=default,
+        help=f"markdown file for the report (default: {default.name})",
+    )
+    parser.add_argument("--no-write", action="store_true", help="print the report only; write no file")
+
+
+def publish(args: argparse.Namespace, report: str) -> None:
+    """Print the report and, unless `--no-write`, put it in the results file `results_arguments` chose."""
+    print(report)
+    if not args.no_write:
+        write_results(args.results, report)
 
 
 def machine() -> str:

@@ -12,7 +12,7 @@ on the training split (no dependencies at all), and a mixture with one component
     .venv/bin/python bench/density.py --variants           # also gated PixelCNN, Diagonal BiLSTM, MADE x8
     .venv/bin/python bench/density.py --data path/to/mnist --max-images 12000 --epochs 5
     .venv/bin/python bench/density.py --upsample 28 --epochs 10   # a 1x28x28 binarised case
-    .venv/bin/python bench/density.py --pixels 8bit --data path/to/rgb   # 8-bit form, 256 levels
+    .venv/bin/python bench/density.py --pixels 8bit --data shapes --size 2500 --resolution 32 --results bench/RESULTS-density-8bit.md
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import data_arguments, load_data, machine, write_results
+from common import data_arguments, load_data, machine, publish, results_arguments
 
 from components.data.prepared import SPLITS, PreparedData, Split
 from components.models import DensityModel, LatentVariableModel, bits_per_dim, create_model
@@ -256,13 +256,13 @@ def main() -> None:
     )
     parser.add_argument("--upsample", type=int, help="resize the images to this size (e.g. 28)")
     parser.add_argument("--only", nargs="+", help="run only the models with these labels")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS-density.md alone")
+    results_arguments(parser, RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="bench-density-") as tmp:
         work = Path(tmp)
-        data = load_data(args.data, args.max_images, work)
+        data = load_data(args, work)
         if args.upsample:
             data = upsampled(data, args.upsample)
         if data.image_shape[0] != 1 and args.pixels == "binary":
@@ -312,9 +312,7 @@ References on the same test split (not learned by gradient descent):
 |---|---:|---:|
 {reference_lines}
 """
-    print(report)
-    if not args.no_write:
-        write_results(RESULTS, report)
+    publish(args, report)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import machine, write_results
+from common import machine, publish, results_arguments
 
 from components.data.prepared import prepare
 from components.data.raw import write_raw
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2500)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--epochs", type=int, nargs="+", default=[10, 30])
-    parser.add_argument("--no-write", action="store_true", help=f"print only; do not write {RESULTS.name}")
+    results_arguments(parser, RESULTS)
     args = parser.parse_args()
     params = yaml.safe_load((HERE / "params.yaml").read_text())
     settings, data = params["featurizer"], params["data"]
@@ -72,9 +72,7 @@ def main() -> None:
             *rows,
         ]
     )
-    print(report)
-    if not args.no_write:
-        write_results(RESULTS, report)
+    publish(args, report)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from common import load_data, machine, write_results
+from common import machine, prepared_in, publish, results_arguments
 from ray.train import RunConfig
 from ray.train.torch import TorchTrainer
 from scaling import FreshContext  # a RayContext in which every training starts afresh
 
+from components.data.raw import builtin_digits
 from components.models import create_model
 from components.models.factory import list_models, model_class
 from components.training.ray_train import Scaling, progress_feed
@@ -79,14 +80,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60, help="per training: long enough for many posts")
     parser.add_argument("--rounds", type=int, default=3, help="trainings with progress, and as many without")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--no-write", action="store_true", help=f"print only; do not write {RESULTS.name}")
+    results_arguments(parser, RESULTS)
     args = parser.parse_args()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     load_at_start = os.getloadavg()[0]
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="genpipe-progress-cost-") as tmp:
         work = Path(tmp)
-        data = load_data(None, None, work)
+        data = prepared_in(work, builtin_digits())
         spec = create_model(args.family, data.image_shape).spec
         binary = model_class(args.family).data_kind_for(spec.image_shape, spec.hparams) == "binary"
         val = data.val.binary.astype(np.float32) if binary else data.val.images
@@ -163,9 +164,7 @@ def main() -> None:
             f"| overhead measured end to end (off - on) / off | {measured:+.1f} % |",
         ]
     )
-    print(report)
-    if not args.no_write:
-        write_results(RESULTS, report)
+    publish(args, report)
 
 
 if __name__ == "__main__":

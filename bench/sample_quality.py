@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import data_arguments, load_data, machine, write_results
+from common import data_arguments, load_data, machine, publish, results_arguments
 
 from components.config import load_params
 from components.data.prepared import PreparedData
@@ -172,14 +172,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the results file alone")
+    results_arguments(parser, RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = families(args.models)
 
     with tempfile.TemporaryDirectory(prefix="bench-sample-quality-") as tmp:
         work = Path(tmp)
-        data = load_data(args.data, args.max_images, work)
+        data = load_data(args, work)
         start = time.perf_counter()
         featurizer = load_params(Path(__file__).resolve().parents[1] / "params.yaml").featurizer
         settings = featurizer.model_dump(include={"feature_dim", "epochs", "batch_size", "lr"})
@@ -230,9 +230,7 @@ Grids: 64 test images next to 64 samples of each model (binary models against th
 
 {gallery(rows)}
 """
-    print(report)
-    if not args.no_write:
-        write_results(RESULTS, report)
+    publish(args, report)
 
 
 if __name__ == "__main__":

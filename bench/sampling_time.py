@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import machine, write_results
+from common import machine, publish, results_arguments
 
 HERE = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS-sampling.md")
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--checkout", action="append", metavar="LABEL=DIR", help="default: this one")
     parser.add_argument("--shape", default="1x28x28", help="C x H x W, e.g. 3x32x32")
     parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--no-write", action="store_true", help=f"print only; do not write {RESULTS.name}")
+    results_arguments(parser, RESULTS)
     args = parser.parse_args()
     checkouts = dict(item.split("=", 1) for item in args.checkout or [f"this checkout={HERE}"])
     shape = tuple(int(side) for side in args.shape.split("x"))
@@ -72,9 +72,7 @@ def main() -> None:
             *rows,
         ]
     )
-    print(report)
-    if not args.no_write:
-        write_results(RESULTS, report)
+    publish(args, report)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import tempfile
@@ -43,26 +44,30 @@ def client_for(tracking_uri: str) -> MlflowClient:
 
 
 def remembered(tracking_uri: str, what: str, read: Callable[[], Any]) -> Any:
-    """`read()` (JSON-serialisable), or what it returned before if the local store has not changed.
+    """`read()` (JSON-serialisable), or what it returned before if the local store has not changed."""
+    return remembered_all(tracking_uri, {what: read})[what]
 
-    A tracking server has no cheap sign of change, so its reads always go to MLflow; so does a read
-    during which the store changed (its result is not kept).
+
+def remembered_all(tracking_uri: str, reads: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Each read's value by name, from what it returned before if the local store has not changed.
+
+    The reads not kept are made and then kept with one write. A tracking server has no cheap sign
+    of change, so its reads always go to MLflow; so do reads during which the store changed (their
+    results are not kept).
     """
     database = sqlite_file(tracking_uri)
     if database is None:
-        return read()
+        return {what: read() for what, read in reads.items()}
     kept_in = database.with_name(f"{database.name}.genpipe-reads.json")
     before = _store_state(database)
     kept: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         kept = json.loads(kept_in.read_text())
-    reads = kept.get("reads", {}) if kept.get("state") == before else {}
-    if what in reads:
-        return reads[what]
-    value = read()
-    if _store_state(database) == before:  # unchanged while read (opening a new store creates it)
-        _write_atomically(kept_in, {"state": before, "reads": {**reads, what: value}})
-    return value
+    known = kept.get("reads", {}) if kept.get("state") == before else {}
+    fresh = {what: read() for what, read in reads.items() if what not in known}
+    if fresh and _store_state(database) == before:  # unchanged while read (opening a new store creates it)
+        _write_atomically(kept_in, {"state": before, "reads": {**known, **fresh}})
+    return {what: known[what] if what in known else fresh[what] for what in reads}
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:
@@ -116,8 +121,15 @@ def version_tags(tracking_uri: str, name: str, version: str) -> dict[str, str]:
 
     Raises LookupError naming the version when the registry does not hold it.
     """
+    return remembered_all(tracking_uri, _tag_reads(tracking_uri, [(name, version)]))[_tags_key(name, version)]
 
-    def read() -> dict[str, str]:
+
+def _tags_key(name: str, version: str) -> str:
+    return f"tags of {name} v{version}"
+
+
+def _tag_reads(tracking_uri: str, versions: Iterable[tuple[str, str]]) -> dict[str, Callable[[], Any]]:
+    def read(name: str, version: str) -> dict[str, str]:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -125,7 +137,7 @@ def version_tags(tracking_uri: str, name: str, version: str) -> dict[str, str]:
         except MlflowException as err:
             raise LookupError(f"{name} v{version}: {err.message}") from err
 
-    return remembered(tracking_uri, f"tags of {name} v{version}", read)
+    return {_tags_key(name, version): functools.partial(read, name, version) for name, version in versions}
 
 
 def keep_reads(tracking_uri: str, versions: Iterable[tuple[str, str]] = ()) -> None:
@@ -138,8 +150,7 @@ def keep_reads(tracking_uri: str, versions: Iterable[tuple[str, str]] = ()) -> N
     champions = [
         (row["model"], row["champion"]) for row in status_rows(tracking_uri) if row["champion"] != "-"
     ]
-    for name, version in dict.fromkeys([*champions, *versions]):
-        version_tags(tracking_uri, name, version)
+    remembered_all(tracking_uri, _tag_reads(tracking_uri, dict.fromkeys([*champions, *versions])))
 
 
 def registry_status(client: MlflowClient) -> list[dict[str, str]]:
