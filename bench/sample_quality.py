@@ -17,6 +17,7 @@ it ran on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shlex
 import sys
@@ -43,6 +44,8 @@ from components.training.trainer import LocalContext, TrainJob, run_training
 RESULTS = Path(__file__).with_name("RESULTS-sample-quality.md")
 IMAGES = Path(__file__).with_name("results")
 SPEED_SAMPLES = 1000  # images drawn in one call to time sampling
+PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+SETTINGS = EvaluationSettings.from_params(PARAMS)  # the pipeline's own evaluation
 
 
 @dataclass
@@ -102,9 +105,7 @@ def run_one(name: str, data: PreparedData, args, work: Path, extractor, extracto
         data,
         extractor,
         extractor_id,
-        EvaluationSettings(
-            seed=args.seed, num_samples=1000, kid_subset_size=100, importance_samples=100, batch_size=500
-        ),
+        dataclasses.replace(SETTINGS, seed=args.seed),
     )
     samples_png = save_grid(evaluation.images["samples"][0], IMAGES / f"{data.name}-{name}.png").name
     return Row(
@@ -181,8 +182,7 @@ def main() -> None:
         work = Path(tmp)
         data = load_data(args, work)
         start = time.perf_counter()
-        featurizer = load_params(Path(__file__).resolve().parents[1] / "params.yaml").featurizer
-        settings = featurizer.model_dump(include={"feature_dim", "epochs", "batch_size", "lr"})
+        settings = PARAMS.featurizer.model_dump(include={"feature_dim", "epochs", "batch_size", "lr"})
         train_featurizer(work / "prepared", work / "featurizer", seed=args.seed, **settings)
         featurizer_seconds = time.perf_counter() - start
         extractor, extractor_id = feature_extractor("featurizer", work / "featurizer")
@@ -190,13 +190,7 @@ def main() -> None:
         run_one(
             names[0], data, argparse.Namespace(**{**vars(args), "epochs": 1}), work, extractor, extractor_id
         )
-        reference = data_reference(
-            data,
-            extractor,
-            EvaluationSettings(
-                num_samples=1000, kid_subset_size=100, importance_samples=100, batch_size=500, seed=0
-            ).num_samples,
-        )
+        reference = data_reference(data, extractor, SETTINGS.num_samples)
         rows = []
         for name in names:
             rows.append(run_one(name, data, args, work, extractor, extractor_id))
@@ -208,10 +202,10 @@ def main() -> None:
 
 Dataset: {data.name} ({c}x{h}x{w}; {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images).
 Budget, the same for every model: {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr} (as each family
-scales it), seed {args.seed}, default hyper-parameters. Scores come from `evaluate_model` with its defaults:
-{EvaluationSettings(num_samples=1000, kid_subset_size=100, importance_samples=100, batch_size=500, seed=0).num_samples} samples; FID and KID against the test split (binarised for binary models) in
+scales it), seed {args.seed}, default hyper-parameters. Scores come from `evaluate_model` with params.yaml's `evaluate` settings:
+{SETTINGS.num_samples} samples; FID and KID against the test split (binarised for binary models) in
 the feature space of `{extractor_id}` (the pipeline's featurizer, trained here in {featurizer_seconds:.0f} s),
-KID subsets of {EvaluationSettings(num_samples=1000, kid_subset_size=100, importance_samples=100, batch_size=500, seed=0).kid_subset_size}; recon. SSE is the summed squared pixel error per test image;
+KID subsets of {SETTINGS.kid_subset_size}; recon. SSE is the summed squared pixel error per test image;
 the Parzen estimate is the mean test log-likelihood in nats per image of a Gaussian kernel density on the
 samples, bandwidth chosen on the validation split: an estimate for comparing sample-only models, not a
 likelihood. The VAE reports its importance-weighted NLL bound (on binarised data) instead.
@@ -222,7 +216,7 @@ Command: `{command}`
 
 {table(rows)}
 
-Reference: {min(len(data.train), EvaluationSettings(num_samples=1000, kid_subset_size=100, importance_samples=100, batch_size=500, seed=0).num_samples)} training images in place of samples score FID
+Reference: {min(len(data.train), SETTINGS.num_samples)} training images in place of samples score FID
 {reference["fid"]:.2f}, KID {reference["kid_mean"]:.3f} ± {reference["kid_std"]:.3f} and a Parzen estimate of
 {reference["parzen_ll_estimate"]:.1f} nats (sigma {reference["parzen_sigma"]:.3g}).
 
