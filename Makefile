@@ -32,9 +32,10 @@ browser:
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
 # The inner loop while developing: lint plus every test that starts no server and no Ray (models, the
-# trainer in-process, data and DVC, the registry on SQLite). CI runs the whole suite (`make test`).
+# trainer in-process, data and DVC, the registry on SQLite) and compiles nothing. CI runs the whole
+# suite (`make test`).
 test-fast: $(STAMP) lint
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not integration" --durations=5
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not integration and not compiles" --durations=5
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -83,8 +83,11 @@ def r1_penalty(critic: Critic, real: Tensor, gamma: float) -> Tensor:
 def standard_normal(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """N(0, I) noise drawn with `generator` on its own device (a seeded CPU generator stays usable
     for a model on a GPU), then moved to `device`."""
-    source = generator.device if generator is not None else device
-    return torch.randn(*shape, generator=generator, device=source).to(device)
+    if generator is None:
+        # Without the `generator` argument: torch.compile cannot pass it a symbolic batch size, and
+        # the last, smaller batch of an epoch makes the size symbolic.
+        return torch.randn(*shape, device=device)
+    return torch.randn(*shape, generator=generator, device=generator.device).to(device)
 
 
 def power_of_two_canvas(image_shape: Sequence[int], minimum: int = 8) -> int:

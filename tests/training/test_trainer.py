@@ -94,3 +94,18 @@ def test_a_diverging_epoch_is_reported_not_sampled_from(digits, tmp_path):
     outcome = read_outcome(tmp_path)
     assert outcome.diverged and "non-finite at epoch 1" in outcome.diverged
     assert outcome.progress_samples == {}
+
+
+@pytest.mark.compiles
+@pytest.mark.usefixtures("one_thread")
+def test_the_gpu_settings_train_on_cpu_bf16_compiled_with_a_short_last_batch(digits, tmp_path):
+    # bf16 autocast and torch.compile are what a GPU run uses; both run on CPU too. The last batch
+    # of an epoch is smaller (1,257 images in batches of 256), so the compiled graph meets a second
+    # batch size, which once broke drawing a GAN's noise under torch.compile.
+    spec = create_model("dcgan", digits.image_shape, latent_dim=8, width=8).spec
+    job = cpu_job(spec, epochs=1, batch_size=256, lr=1e-3, precision="bf16", compile=True)
+    outcome, model = train(digits, job, tmp_path / "compiled")
+    assert len(digits.train) % job.batch_size != 0
+    assert outcome.steps == -(-len(digits.train) // job.batch_size)
+    assert all(np.isfinite(v) for v in outcome.history[-1].values())
+    assert model.sample(4, generator=torch.Generator().manual_seed(0)).isfinite().all()
