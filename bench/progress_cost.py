@@ -33,10 +33,11 @@ from ray.train import RunConfig
 from ray.train.torch import TorchTrainer
 from scaling import FreshContext  # a RayContext in which every training starts afresh
 
+from components.cluster import progress_feed
 from components.data.raw import builtin_digits
 from components.models import create_model
 from components.models.factory import list_models, model_class
-from components.training.ray_train import Scaling, progress_feed
+from components.training.ray_train import Scaling
 from components.training.trainer import PROGRESS_INTERVAL_S, TrainJob, TrainProgress, run_training
 
 RESULTS = Path(__file__).with_name("RESULTS-progress-cost.md")
@@ -105,7 +106,7 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
         received: list[TrainProgress] = []
         try:
-            with progress_feed(received.append) as progress_config:
+            with progress_feed(received.append, TrainProgress) as inbox:
                 TorchTrainer(
                     _worker,
                     train_loop_config={
@@ -114,7 +115,7 @@ def main() -> None:
                         "val": ray.put(val),
                         "rounds": args.rounds,
                         "out": str(work / "record.json"),
-                        **progress_config,
+                        "progress_inbox": inbox,
                     },
                     scaling_config=Scaling(workers=1, gpus_per_worker=0).scaling_config(),
                     run_config=RunConfig(name="progress-cost", storage_path=str(work / "ray")),

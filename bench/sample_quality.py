@@ -107,7 +107,9 @@ def run_one(name: str, data: PreparedData, args, work: Path, extractor, extracto
         extractor_id,
         dataclasses.replace(SETTINGS, seed=args.seed),
     )
-    samples_png = save_grid(evaluation.images["samples"][0], IMAGES / f"{data.name}-{name}-{args.epochs}ep.png").name
+    samples_png = save_grid(
+        evaluation.images["samples"][0], IMAGES / f"{data.name}-{name}-{args.epochs}ep.png"
+    ).name
     return Row(
         name,
         kind,

@@ -100,6 +100,9 @@ class EvaluateConfig(_Section):
     kid_subset_size: PositiveInt
     importance_samples: PositiveInt
     batch_size: PositiveInt
+    real_features_dir: str
+    cpus_per_task: PositiveFloat
+    gpus_per_task: Literal["auto"] | NonNegativeFloat
 
 
 class PromotionRule(_Section):

@@ -20,21 +20,16 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components.config import Params, load_params
-from components.data.prepared import PreparedData, load_prepared
+from components.data.prepared import PreparedData, load_prepared_version
 from components.data.versioning import data_at_revision, data_version, ensure_data, git_revision, reproduce
-from components.evaluation.evaluate import (
-    Evaluation,
-    EvaluationSettings,
-    evaluate_model,
-    feature_extractor,
-    feature_extractor_id,
-)
+from components.evaluation.evaluate import Evaluation, feature_extractor_id
+from components.evaluation.on_cluster import EvaluationTask, evaluate_on_cluster
 from components.models import GenerativeModel
 from components.models.model_dir import load_model_dir
 from components.registry.lineage import (
@@ -71,12 +66,6 @@ TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": 3}
 REPORT_ARTIFACT = "report.html"
 
 
-@functools.lru_cache(maxsize=2)
-def _prepared(prepared_dir: Path, data_version: str) -> PreparedData:
-    """The prepared splits, read once per data version rather than once per task."""
-    return load_prepared(prepared_dir)
-
-
 @dataclass
 class Inputs:
     """What every model branch shares: the versioned data and where things live."""
@@ -90,11 +79,13 @@ class Inputs:
     journal: RunJournal
 
     def data(self) -> PreparedData:
-        return _prepared(Path(self.project_dir) / self.params.data.prepared_dir, self.data_version)
+        return load_prepared_version(
+            Path(self.project_dir) / self.params.data.prepared_dir, self.data_version
+        )
 
-    @property
-    def featurizer_dir(self) -> Path:
-        return Path(self.project_dir) / self.params.featurizer.dir
+    def evaluation_task(self, context: dict[str, str]) -> EvaluationTask:
+        """How this run evaluates: data, feature extractor (paths in params are the project's), settings."""
+        return EvaluationTask.from_params(self.params, self.project_dir, self.data_version, context)
 
     def registered_name(self, model: str) -> str:
         return registered_name(self.data().name, model)
@@ -129,29 +120,17 @@ class ModelResult:
 
 
 def _evaluate(model: GenerativeModel, inputs: Inputs, shown_as: str) -> Evaluation:
-    """Evaluate under the run's settings: a candidate and a re-evaluated champion alike; its progress
-    is shown on the row of the model `shown_as`."""
-    cfg = inputs.params.evaluate
-    extractor, extractor_id = feature_extractor(
-        cfg.feature_extractor, inputs.featurizer_dir, cfg.inception_weights
-    )
+    """Evaluate under the run's settings, as a task on the Ray cluster: a candidate and a re-evaluated
+    champion alike; its progress is shown on the row of the model `shown_as`."""
     context = {"prepared_data": inputs.data_version, "code": code_version(type(model).registry_name)}
-    settings = EvaluationSettings.from_params(inputs.params)
-    return evaluate_model(
-        model,
-        inputs.data(),
-        extractor,
-        extractor_id,
-        settings,
-        context=context,
-        on_progress=functools.partial(feed.evaluation, shown_as),
-    )
+    task = inputs.evaluation_task(context)
+    return evaluate_on_cluster(model, task, on_progress=functools.partial(feed.evaluation, shown_as))
 
 
 def _model_inputs(inputs: Inputs, model: str) -> dict[str, Any]:
     """What decides `model` in this run, as fingerprinted and recorded on its version."""
-    cfg = inputs.params.evaluate
-    extractor_id = feature_extractor_id(cfg.feature_extractor, inputs.featurizer_dir, cfg.inception_weights)
+    task = inputs.evaluation_task({})
+    extractor_id = feature_extractor_id(task.feature_extractor, task.featurizer_dir, task.inception_weights)
     return model_inputs(inputs.params, model, inputs.data_version, extractor_id)
 
 
@@ -388,8 +367,8 @@ def _branch_failure(model: str, futures: list[PrefectFuture]) -> ModelResult:
     return ModelResult(model, "failed", "an upstream step did not complete")
 
 
-def branch_runner(params: Params) -> ThreadPoolTaskRunner:
-    """The task runner of the model branches: `train.max_concurrent_models` train at the same time.
+def training_runner(params: Params) -> ThreadPoolTaskRunner:
+    """The task runner of the trainings: `train.max_concurrent_models` train at the same time.
 
     Made from the run's own params inside the flow, so every entry point (the CLI, a deployment, a
     direct call of the flow) keeps the limit.
@@ -397,31 +376,37 @@ def branch_runner(params: Params) -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=params.train.max_concurrent_models)
 
 
+def follow_up_runner(branches: int) -> ThreadPoolTaskRunner:
+    """The task runner of what follows a training (evaluate, register, promote): a thread for each of
+    those tasks, so every branch goes on the moment its training ends, whatever else still trains.
+    The threads mostly wait; evaluations are Ray tasks, which the cluster's resources pace."""
+    return ThreadPoolTaskRunner(max_workers=max(1, 3 * branches))
+
+
 def _run_branches(plans: list[Plan], inputs: Inputs) -> list[ModelResult]:
-    # Submitted stage by stage: a waiting downstream task holds a worker thread, so queueing every
-    # training first lets `max_concurrent_models` trainings run while later stages wait their turn.
-    with branch_runner(inputs.params) as runner:
-
-        def submit(step, **parameters: Any) -> PrefectFuture:
-            return runner.submit(step, parameters)
-
-        branches = {p.model: [submit(train, planned=p, inputs=inputs)] for p in plans if p.action == "train"}
-        for futures in branches.values():
-            futures.append(submit(evaluate, trained=futures[0], inputs=inputs))
-        for futures in branches.values():
-            futures.append(submit(register, trained=futures[0], evaluation=futures[1], inputs=inputs))
-        for futures in branches.values():
-            futures.append(
-                submit(promote, trained=futures[0], version=futures[2], evaluation=futures[1], inputs=inputs)
+    trained_here = [p for p in plans if p.action == "train"]
+    with training_runner(inputs.params) as training, follow_up_runner(len(trained_here)) as follow_up:
+        branches = {}
+        for planned in trained_here:
+            trained = training.submit(train, {"planned": planned, "inputs": inputs})
+            evaluation = follow_up.submit(evaluate, {"trained": trained, "inputs": inputs})
+            version = follow_up.submit(
+                register, {"trained": trained, "evaluation": evaluation, "inputs": inputs}
             )
+            promoted = follow_up.submit(
+                promote, {"trained": trained, "version": version, "evaluation": evaluation, "inputs": inputs}
+            )
+            branches[planned.model] = [trained, evaluation, version, promoted]
         results = [ModelResult(p.model, "skipped", p.reason) for p in plans if p.action == "skip"]
-        for model, futures in branches.items():
-            final = futures[-1]
-            final.wait()
-            results.append(final.result() if final.state.is_completed() else _branch_failure(model, futures))
-            done = results[-1]
+        model_of = {futures[-1].task_run_id: model for model, futures in branches.items()}
+        for final in as_completed([futures[-1] for futures in branches.values()]):
+            model = model_of[final.task_run_id]
+            final.wait()  # as_completed yields when the thread ends; `wait` also brings the final state
+            done = final.result() if final.state.is_completed() else _branch_failure(model, branches[model])
+            results.append(done)
             feed.stage(model, "failed" if done.status == "failed" else "done", _outcome(done))
-    return results
+    order = [p.model for p in plans]
+    return sorted(results, key=lambda result: order.index(result.model))
 
 
 def _log_report(parent: RunLogger, inputs: Inputs) -> None:

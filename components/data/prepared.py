@@ -9,6 +9,7 @@ training happen where the data is consumed. The stage holds the raw array plus o
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -123,6 +124,13 @@ def prepare(
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
+
+
+@functools.lru_cache(maxsize=2)
+def load_prepared_version(prepared_dir: str | Path, data_version: str) -> PreparedData:
+    """`load_prepared`, once per process and data version: the flow's tasks and the Ray workers that
+    evaluate read a version's index and metadata once; new data comes with a new version."""
+    return load_prepared(prepared_dir)
 
 
 def load_prepared(prepared_dir: str | Path) -> PreparedData:

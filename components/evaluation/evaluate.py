@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import pickle
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +33,12 @@ from components.config import Params
 from components.data.prepared import PreparedData
 from components.evaluation.featurizer import featurizer_id, load_featurizer
 from components.evaluation.parzen import parzen_estimate
-from components.evaluation.sample_quality import fid_kid, inception_id, load_torchscript_features
+from components.evaluation.sample_quality import (
+    fid_kid_of_features,
+    image_features,
+    inception_id,
+    load_torchscript_features,
+)
 from components.models import (
     DensityModel,
     GenerativeModel,
@@ -141,16 +149,48 @@ class _Tally:
 
         return one_batch
 
+    def skip(self, batches: int, activity: str) -> None:
+        """Count `batches` planned but not needed (their result was cached)."""
+        self.done += batches
+        if self.report is not None:
+            self.report(EvaluationProgress(self.done, self.total, activity))
+
+
+class RealFeatureCache:
+    """The extractor's features of the real splits, kept as files `<split>-<data kind>.pt` in a
+    directory of their own per extractor and data version: computed by the first evaluation that needs
+    them and read by every later one, in this run and the next, instead of once per model."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def features(self, name: str, count: int, compute: Callable[[], Tensor]) -> tuple[Tensor, bool]:
+        """The cached features `name` of `count` images, or `compute()`'s, stored; and whether cached."""
+        path = self.directory / f"{name}.pt"
+        try:
+            cached = torch.load(path, weights_only=True)
+            if isinstance(cached, Tensor) and len(cached) == count:
+                return cached, True
+        except (FileNotFoundError, RuntimeError, EOFError, pickle.UnpicklingError):
+            pass  # absent, or left half-written by a killed process: computed again below
+        features = compute()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Two evaluations may compute the same features at once: each writes its own file, then renames.
+        partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}")
+        torch.save(features, partial)
+        os.replace(partial, path)
+        return features, False
+
 
 def _planned_batches(
     model: GenerativeModel, data: PreparedData, splits: tuple[str, ...], settings: EvaluationSettings
 ) -> int:
     """The batches `evaluate_model` will count, so a progress bar knows its end from the start."""
     batches = functools.partial(_batches_of, batch_size=settings.batch_size)
-    total = batches(settings.num_samples)
+    total = 2 * batches(settings.num_samples)  # sampling, then the samples' features
     for split in splits:
         size = len(data.split(split))
-        total += batches(size) + batches(settings.num_samples)  # FID/KID: real, then generated
+        total += batches(size)  # the real split's features
         if isinstance(model, DensityModel):
             total += batches(size)
         if isinstance(model, LatentVariableModel):
@@ -211,13 +251,15 @@ def evaluate_model(
     splits: tuple[str, ...] = SPLITS,
     context: dict[str, str] | None = None,
     on_progress: Callable[[EvaluationProgress], None] | None = None,
+    real_features: RealFeatureCache | None = None,
 ) -> Evaluation:
     """Score `model` on each of `splits` (binarised for binary models); deterministic for a fixed seed.
 
     The samples are drawn once and scored against every split; draws that depend on the split (the
     VAE's posterior noise, KID's subsets) come from a generator per split. `context` names what
     else decides the scores (the prepared data version, the code) for the evaluation's record.
-    `on_progress` hears of every batch of work done, with the number planned.
+    `on_progress` hears of every batch of work done, with the number planned. The real splits'
+    features come from `real_features` where it has them (it must belong to this extractor and data).
     """
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
@@ -233,9 +275,17 @@ def evaluate_model(
         tally.batch_of("sampling"),
     )
     images = {"samples": (samples[:GRID_SIZE], None)}
+    sample_features = image_features(
+        samples, extractor, batch_size=settings.batch_size, on_batch=tally.batch_of("sample features")
+    )
     metrics: dict[str, float] = {}
     for split in splits:
-        scores = _split_metrics(model, data, split, samples, extractor, settings, tally)
+        reference_features = _real_features(
+            data, split, model.data_kind, extractor, settings, tally, real_features
+        )
+        scores = _split_metrics(
+            model, data, split, samples, sample_features, reference_features, settings, tally
+        )
         metrics.update({f"{split}_{name}": value for name, value in scores.items()})
     if isinstance(model, ReconstructionModel):
         shown_split = _as_tensor(data.split(splits[-1]).for_kind(model.data_kind)).to(device)
@@ -253,12 +303,40 @@ def evaluate_model(
     )
 
 
+def _real_features(
+    data: PreparedData,
+    split: str,
+    kind: str,
+    extractor: nn.Module,
+    settings: EvaluationSettings,
+    tally: _Tally,
+    cache: RealFeatureCache | None,
+) -> Tensor:
+    """The extractor's features of one split as a model of `kind` sees it, from `cache` if it has them."""
+    activity = f"{split}: real features"
+
+    def compute() -> Tensor:
+        images = _as_tensor(data.split(split).for_kind(kind))
+        return image_features(
+            images, extractor, batch_size=settings.batch_size, on_batch=tally.batch_of(activity)
+        )
+
+    if cache is None:
+        return compute()
+    count = len(data.split(split))
+    features, cached = cache.features(f"{split}-{kind}", count, compute)
+    if cached:
+        tally.skip(_batches_of(count, settings.batch_size), f"{activity} (cached)")
+    return features
+
+
 def _split_metrics(
     model: GenerativeModel,
     data: PreparedData,
     split: str,
     samples: Tensor,
-    extractor: nn.Module,
+    sample_features: Tensor,
+    reference_features: Tensor,
     settings: EvaluationSettings,
     tally: _Tally,
 ) -> dict[str, float]:
@@ -267,14 +345,11 @@ def _split_metrics(
     reference = _as_tensor(data.split(split).for_kind(model.data_kind))
     on_device = reference.to(device)
     dims = model.num_dims
-    metrics = fid_kid(
-        reference,
-        samples,
-        extractor,
+    metrics = fid_kid_of_features(
+        reference_features,
+        sample_features,
         kid_subset_size=settings.kid_subset_size,
-        batch_size=size,
         generator=_generator(torch.device("cpu"), settings.seed, f"kid/{split}"),
-        on_batch=tally.batch_of(f"{split}: FID/KID"),
     )
     if isinstance(model, DensityModel):
         nll = -_batched(model.log_prob, on_device, size, tally.batch_of(f"{split}: NLL")).mean().item()

@@ -41,6 +41,61 @@ class SeededKernelInceptionDistance(KernelInceptionDistance):
         return stacked.mean(), stacked.std(unbiased=False)
 
 
+def image_features(
+    images: Tensor,
+    extractor: nn.Module,
+    *,
+    batch_size: int = 500,
+    on_batch: Callable[[], None] = lambda: None,
+) -> Tensor:
+    """The extractor's N x D features of images in [0, 1], computed in batches on the extractor's
+    device (where it has parameters), returned on the CPU; `on_batch` is called after each batch."""
+    device = next(extractor.parameters(), torch.empty(0)).device
+    chunks = []
+    with torch.no_grad():
+        for chunk in images.float().split(batch_size):
+            chunks.append(extractor(chunk.to(device)).float().cpu())
+            on_batch()
+    return torch.cat(chunks)
+
+
+class _GivenFeatures(nn.Module):
+    """Lets torchmetrics' FID and KID take features computed (or cached) beforehand."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features  # read by torchmetrics instead of probing with an image
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def fid_kid_of_features(
+    real: Tensor, fake: Tensor, *, kid_subset_size: int = 100, generator: torch.Generator | None = None
+) -> dict[str, float]:
+    """FID and KID (mean and std over subsets) between two sets of N x D features.
+
+    KID's subset size is capped by the smaller set, so small test splits still get a score; its
+    subsets come from `generator` (by default a fresh one at seed 0), so the score is repeatable.
+    """
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(
+            f"FID/KID need at least 2 real and 2 generated images, got {len(real)} and {len(fake)}"
+        )
+    given = _GivenFeatures(real.shape[1])
+    fid = FrechetInceptionDistance(feature=given)
+    kid = SeededKernelInceptionDistance(
+        feature=given,
+        subset_size=min(kid_subset_size, len(real), len(fake)),
+        generator=generator or torch.Generator().manual_seed(0),
+    )
+    for features, is_real in ((real, True), (fake, False)):
+        fid.update(features, real=is_real)
+        kid.update(features, real=is_real)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
 def fid_kid(
     real: Tensor,
     fake: Tensor,
@@ -49,34 +104,14 @@ def fid_kid(
     kid_subset_size: int = 100,
     batch_size: int = 500,
     generator: torch.Generator | None = None,
-    on_batch: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """FID and KID (mean and std over subsets) between two image sets in [0, 1], N x C x H x W.
-
-    KID's subset size is capped by the smaller set, so small test splits still get a score; its
-    subsets come from `generator` (by default a fresh one at seed 0), so the score is repeatable.
-    `on_batch` is called after each batch of either set has passed the extractor.
-    """
-    if len(real) < 2 or len(fake) < 2:
-        raise ValueError(
-            f"FID/KID need at least 2 real and 2 generated images, got {len(real)} and {len(fake)}"
-        )
-    subset = min(kid_subset_size, len(real), len(fake))
-    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
-    kid = SeededKernelInceptionDistance(
-        feature=extractor,
-        subset_size=subset,
-        normalize=True,
-        generator=generator or torch.Generator().manual_seed(0),
+    """FID and KID between two image sets in [0, 1], N x C x H x W, in the extractor's feature space."""
+    return fid_kid_of_features(
+        image_features(real, extractor, batch_size=batch_size),
+        image_features(fake, extractor, batch_size=batch_size),
+        kid_subset_size=kid_subset_size,
+        generator=generator,
     )
-    with torch.no_grad():
-        for images, is_real in ((real, True), (fake, False)):
-            for chunk in images.float().split(batch_size):
-                fid.update(chunk, real=is_real)
-                kid.update(chunk, real=is_real)
-                on_batch()
-        kid_mean, kid_std = kid.compute()
-        return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 
 
 class TorchScriptFeatures(nn.Module):

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from components.cluster import gpus_to_use, progress_feed
 from components.data.shards import ShardedSplit
 from components.training.batches import StreamedBatches, streamed_batches_per_epoch
 from components.training.trainer import (
@@ -49,7 +49,6 @@ from components.training.trainer import (
 # previous report is uncollected: with epochs shorter than that, training mostly waits. Ray forwards
 # the variable from the driver to the controller and the workers.
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
-PROGRESS_POLL_S = 0.5  # how often the driver reads the latest progress of a training
 
 
 def collect_reports_promptly() -> None:
@@ -66,14 +65,6 @@ class Scaling:
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
 
-    def resolved_gpus(self) -> float:
-        if self.gpus_per_worker == "auto":
-            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        gpus = float(self.gpus_per_worker)
-        if gpus < 0:
-            raise ValueError(f"gpus_per_worker must be >= 0 or 'auto', got {self.gpus_per_worker!r}")
-        return gpus
-
     def check_room_for_reads(self) -> None:
         """Ray Data's read tasks need a CPU the training workers do not hold, or streaming waits forever."""
         cpus, held = ray.cluster_resources().get("CPU", 0), self.workers * self.cpus_per_worker
@@ -87,24 +78,9 @@ class Scaling:
     def scaling_config(self) -> ScalingConfig:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        gpus = self.resolved_gpus()
+        gpus = gpus_to_use(self.gpus_per_worker)
         resources = {"CPU": self.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         return ScalingConfig(num_workers=self.workers, use_gpu=gpus > 0, resources_per_worker=resources)
-
-
-@ray.remote(num_cpus=0)
-class ProgressInbox:
-    """Holds the latest `TrainProgress` of one training until the driver takes it."""
-
-    def __init__(self) -> None:
-        self.latest: dict[str, Any] | None = None
-
-    def post(self, update: dict[str, Any]) -> None:
-        self.latest = update
-
-    def take(self) -> dict[str, Any] | None:
-        update, self.latest = self.latest, None
-        return update
 
 
 class RayContext:
@@ -204,36 +180,6 @@ def _worker_entry(config: dict[str, Any]) -> None:
     run_training(job, train, ray.get(config["val"]), ctx)
 
 
-@contextmanager
-def progress_feed(on_progress: Callable[[TrainProgress], None] | None) -> Iterator[dict[str, Any]]:
-    """Train-loop config entries that make rank 0 post progress; a thread hands it to `on_progress`."""
-    if on_progress is None:
-        yield {}
-        return
-    inbox = ProgressInbox.remote()
-    done = threading.Event()
-
-    def forward() -> None:
-        while True:
-            update = ray.get(inbox.take.remote())
-            if update is not None:
-                on_progress(TrainProgress(**update))
-            if done.wait(PROGRESS_POLL_S):
-                return
-
-    poller = threading.Thread(target=forward, name="ray-train-progress", daemon=True)
-    poller.start()
-    try:
-        yield {"progress_inbox": inbox}
-    finally:
-        done.set()
-        poller.join()
-        final = ray.get(inbox.take.remote())  # posted after the poller's last look
-        if final is not None:
-            on_progress(TrainProgress(**final))
-        ray.kill(inbox)
-
-
 def train_on_ray(
     job: TrainJob,
     x_train: np.ndarray | ShardedSplit,
@@ -267,10 +213,10 @@ def train_on_ray(
     else:
         config["train"] = ray.put(x_train)
         data_options = {}
-    with progress_feed(on_progress) as progress_config:
+    with progress_feed(on_progress, TrainProgress) as inbox:
         trainer = TorchTrainer(
             _worker_entry,
-            train_loop_config={**config, **progress_config},
+            train_loop_config={**config, "progress_inbox": inbox},
             scaling_config=scaling.scaling_config(),
             **data_options,
             run_config=RunConfig(

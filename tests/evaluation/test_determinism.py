@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from components.data.prepared import PreparedData
-from components.evaluation.evaluate import EvaluationSettings, evaluate_model
+from components.evaluation.evaluate import EvaluationSettings, RealFeatureCache, evaluate_model
 from components.evaluation.featurizer import Featurizer
 from components.models import create_model
 
@@ -101,8 +101,43 @@ def test_evaluation_progress_counts_every_batch_up_to_the_planned_total(
     assert [u.done for u in updates] == list(range(1, len(updates) + 1))
     assert {u.total for u in updates} == {len(updates)}  # the end was known from the first batch
     activities = list(dict.fromkeys(u.activity for u in updates))
-    scored = {"vae": ["FID/KID", "ELBO", "NLL bound", "reconstruction"], "nade": ["FID/KID", "NLL"]}
-    per_split = scored.get(name, ["FID/KID", "Parzen"])
-    assert activities == ["sampling"] + [
+    scored = {"vae": ["ELBO", "NLL bound", "reconstruction"], "nade": ["NLL"]}
+    per_split = ["real features", *scored.get(name, ["Parzen"])]
+    assert activities == ["sampling", "sample features"] + [
         f"{split}: {what}" for split in ("val", "test") for what in per_split
     ]
+
+
+def test_real_features_are_computed_once_then_read_and_give_the_same_scores(
+    digits: PreparedData, extractor: Featurizer, tmp_path
+):
+    model = tiny("dcgan", 0)
+    uncached = evaluate_model(model, digits, extractor, "f", SETTINGS).metrics
+    cache = RealFeatureCache(tmp_path / "real-features")
+    first_updates, second_updates = [], []
+    first = evaluate_model(
+        model, digits, extractor, "f", SETTINGS, real_features=cache, on_progress=first_updates.append
+    )
+    files = {path.name: path.stat().st_mtime_ns for path in cache.directory.iterdir()}
+    assert sorted(files) == [f"{split}-{model.data_kind}.pt" for split in ("test", "val")]
+
+    second = evaluate_model(
+        model, digits, extractor, "f", SETTINGS, real_features=cache, on_progress=second_updates.append
+    )
+    assert uncached == first.metrics == second.metrics
+    assert {
+        path.name: path.stat().st_mtime_ns for path in cache.directory.iterdir()
+    } == files  # read, not rewritten
+    assert not any("cached" in u.activity for u in first_updates)
+    assert [u.activity for u in second_updates if "cached" in u.activity] == [
+        "val: real features (cached)",
+        "test: real features (cached)",
+    ]
+    assert second_updates[-1].done == second_updates[-1].total == first_updates[-1].total
+
+    # A file left half-written (a killed evaluation) is computed again, not trusted.
+    damaged = cache.directory / f"val-{model.data_kind}.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    third = evaluate_model(model, digits, extractor, "f", SETTINGS, real_features=cache)
+    assert third.metrics == uncached
+    assert torch.load(damaged, weights_only=True).shape[0] == len(digits.val)

@@ -11,7 +11,7 @@ import pytest
 from prefect import flow, task
 
 from components.config import load_params
-from flows.retrain import branch_runner
+from flows.retrain import training_runner
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def flow_with_branches(limit: int, tally: Tally) -> None:
     params = load_params(
         Path(__file__).resolve().parents[2] / "params.yaml", {"train": {"max_concurrent_models": limit}}
     )
-    with branch_runner(params) as runner:
+    with training_runner(params) as runner:
         for future in [runner.submit(occupy, {"tally": tally}) for _ in range(4)]:
             future.wait()
 

@@ -14,6 +14,9 @@ import yaml
 from conftest import TINY_SAMPLE_QUALITY
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.states import State
 from scored import assert_scored
 
 from components.data.importers import builtin_dataset, install_dataset
@@ -40,8 +43,9 @@ SAMPLES = 16
 
 
 @pytest.fixture(scope="module")
-def colour_project(tmp_path_factory, ray_instance, prefect_server, project_factory) -> Path:
-    """A project whose data is 128 rendered shapes at 32x32, in which every family ran the flow once."""
+def colour_run(tmp_path_factory, ray_instance, prefect_server, project_factory) -> tuple[Path, State]:
+    """A project whose data is 128 rendered shapes at 32x32, in which every family ran the flow once,
+    and the flow run's final state."""
     project = project_factory(tmp_path_factory.mktemp("colour") / "project")
     params_file = project / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
@@ -57,7 +61,27 @@ def colour_project(tmp_path_factory, ray_instance, prefect_server, project_facto
         return_state=True,
     )
     assert state.is_completed(), state.message
-    return project
+    return project, state
+
+
+@pytest.fixture(scope="module")
+def colour_project(colour_run) -> Path:
+    return colour_run[0]
+
+
+def test_a_model_is_evaluated_while_later_ones_still_wait_to_train(colour_run):
+    """Two trainings at a time, 14 families: a branch goes on when its training ends, so the first
+    evaluation starts before the last training does (queued stage by stage, it started after)."""
+    _, state = colour_run
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    started = {run.name: run.start_time for run in task_runs}
+    trainings = [when for name, when in started.items() if name.startswith("train-")]
+    evaluations = [when for name, when in started.items() if name.startswith("evaluate-")]
+    assert len(trainings) == len(evaluations) == len(list_models())
+    assert min(evaluations) < max(trainings)
 
 
 def test_every_family_trains_samples_and_is_scored_at_3x32x32_through_the_flow(colour_project):

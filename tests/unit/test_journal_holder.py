@@ -14,7 +14,7 @@ import pytest
 
 from components.config import load_params
 from flows.journal import Holder, ProjectHeld, RunJournal, holder_of
-from flows.retrain import branch_runner
+from flows.retrain import training_runner
 
 
 def test_a_holder_is_running_only_while_its_own_process_runs():
@@ -81,4 +81,4 @@ def test_model_branches_are_limited_by_the_runs_own_params():
     params = load_params(
         Path(__file__).resolve().parents[2] / "params.yaml", {"train": {"max_concurrent_models": 3}}
     )
-    assert branch_runner(params)._max_workers == 3
+    assert training_runner(params)._max_workers == 3
