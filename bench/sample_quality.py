@@ -78,7 +78,10 @@ def real_grid(data: PreparedData, data_kind: str) -> str:
     return path.name
 
 
-def run_one(name: str, data: PreparedData, args, work: Path, extractor, extractor_id: str) -> Row:
+def run_one(
+    name: str, data: PreparedData, args, work: Path, extractor, extractor_id: str, grids: Path = IMAGES
+) -> Row:
+    """Train and score one family; its sample grid goes to `grids`."""
     kind = model_class(name).data_kind_for(data.image_shape, {})
     torch.manual_seed(args.seed)
     job = TrainJob(
@@ -108,7 +111,7 @@ def run_one(name: str, data: PreparedData, args, work: Path, extractor, extracto
         dataclasses.replace(SETTINGS, seed=args.seed),
     )
     samples_png = save_grid(
-        evaluation.images["samples"][0], IMAGES / f"{data.name}-{name}-{args.epochs}ep.png"
+        evaluation.images["samples"][0], grids / f"{data.name}-{name}-{args.epochs}ep.png"
     ).name
     return Row(
         name,
@@ -189,9 +192,8 @@ def main() -> None:
         featurizer_seconds = time.perf_counter() - start
         extractor, extractor_id = feature_extractor("featurizer", work / "featurizer")
         # One untimed epoch first, so the first timed model does not pay for one-time initialisation.
-        run_one(
-            names[0], data, argparse.Namespace(**{**vars(args), "epochs": 1}), work, extractor, extractor_id
-        )
+        warm_up = argparse.Namespace(**{**vars(args), "epochs": 1})
+        run_one(names[0], data, warm_up, work, extractor, extractor_id, grids=work)
         reference = data_reference(data, extractor, SETTINGS.num_samples)
         rows = []
         for name in names:
