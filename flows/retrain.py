@@ -28,7 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from components.config import Params, load_params
 from components.data.prepared import PreparedData, load_prepared_version
 from components.data.versioning import data_at_revision, data_version, ensure_data, git_revision, reproduce
-from components.evaluation.evaluate import Evaluation, feature_extractor_id
+from components.evaluation.evaluate import Evaluation
 from components.evaluation.on_cluster import EvaluationTask, evaluate_on_cluster
 from components.models import GenerativeModel
 from components.models.model_dir import load_model_dir
@@ -129,8 +129,7 @@ def _evaluate(model: GenerativeModel, inputs: Inputs, shown_as: str) -> Evaluati
 
 def _model_inputs(inputs: Inputs, model: str) -> dict[str, Any]:
     """What decides `model` in this run, as fingerprinted and recorded on its version."""
-    task = inputs.evaluation_task({})
-    extractor_id = feature_extractor_id(task.feature_extractor, task.featurizer_dir, task.inception_weights)
+    extractor_id = inputs.evaluation_task({}).extractor.id()
     return model_inputs(inputs.params, model, inputs.data_version, extractor_id)
 
 

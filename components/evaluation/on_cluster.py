@@ -34,14 +34,26 @@ from components.models import GenerativeModel
 
 
 @dataclass(frozen=True)
+class ExtractorSource:
+    """Where the FID/KID feature extractor comes from: params.yaml `evaluate.feature_extractor` and
+    its files."""
+
+    kind: str  # "featurizer" or "inception"
+    featurizer_dir: str
+    inception_weights: str | None = None
+
+    def id(self) -> str:
+        """The extractor's id, which hashes its weights, without loading it."""
+        return feature_extractor_id(self.kind, self.featurizer_dir, self.inception_weights)
+
+
+@dataclass(frozen=True)
 class EvaluationTask:
     """Everything an evaluation reads besides the model, as paths and settings a Ray worker can use."""
 
     prepared_dir: str
     data_version: str
-    feature_extractor: str  # params.yaml evaluate.feature_extractor
-    featurizer_dir: str
-    inception_weights: str | None
+    extractor: ExtractorSource
     real_features_dir: str  # the cache of the real splits' features, one directory per extractor and version
     settings: EvaluationSettings
     cpus: float
@@ -58,9 +70,11 @@ class EvaluationTask:
         return cls(
             prepared_dir=str(project / params.data.prepared_dir),
             data_version=data_version,
-            feature_extractor=section.feature_extractor,
-            featurizer_dir=str(project / params.featurizer.dir),
-            inception_weights=str(project / Path(weights).expanduser()) if weights else None,
+            extractor=ExtractorSource(
+                section.feature_extractor,
+                str(project / params.featurizer.dir),
+                str(project / Path(weights).expanduser()) if weights else None,
+            ),
             real_features_dir=str(project / section.real_features_dir),
             settings=EvaluationSettings.from_params(params),
             cpus=section.cpus_per_task,
@@ -70,12 +84,10 @@ class EvaluationTask:
 
 
 @functools.lru_cache(maxsize=2)
-def _extractor(
-    extractor_id: str, kind: str, featurizer_dir: str, inception_weights: str | None, device: str
-) -> nn.Module:
+def _extractor(source: ExtractorSource, extractor_id: str, device: str) -> nn.Module:
     """The feature extractor on `device`, loaded once per Ray worker and weights (`extractor_id`
     hashes them, so a featurizer retrained in the same directory is loaded anew)."""
-    extractor, _ = feature_extractor(kind, featurizer_dir, inception_weights)
+    extractor, _ = feature_extractor(source.kind, source.featurizer_dir, source.inception_weights)
     return extractor.to(device)
 
 
@@ -87,13 +99,11 @@ def run_evaluation(
 ) -> Evaluation:
     """`evaluate_model` of `model` under `task` in this process: what the Ray task runs."""
     data = load_prepared_version(task.prepared_dir, task.data_version)
-    extractor_id = feature_extractor_id(task.feature_extractor, task.featurizer_dir, task.inception_weights)
+    extractor_id = task.extractor.id()
     evaluation = evaluate_model(
         model.to(device),
         data,
-        _extractor(
-            extractor_id, task.feature_extractor, task.featurizer_dir, task.inception_weights, str(device)
-        ),
+        _extractor(task.extractor, extractor_id, str(device)),
         extractor_id,
         task.settings,
         context=task.context,

@@ -12,7 +12,12 @@ import torch
 
 from components.evaluation.evaluate import EvaluationSettings
 from components.evaluation.featurizer import train_featurizer
-from components.evaluation.on_cluster import EvaluationTask, evaluate_on_cluster, run_evaluation
+from components.evaluation.on_cluster import (
+    EvaluationTask,
+    ExtractorSource,
+    evaluate_on_cluster,
+    run_evaluation,
+)
 from components.models import create_model
 
 pytestmark = pytest.mark.integration
@@ -29,9 +34,7 @@ def task(digits_root: Path, tmp_path_factory) -> EvaluationTask:
     return EvaluationTask(
         prepared_dir=str(digits_root / "prepared"),
         data_version="digits-under-test",
-        feature_extractor="featurizer",
-        featurizer_dir=str(featurizer_dir),
-        inception_weights=None,
+        extractor=ExtractorSource("featurizer", str(featurizer_dir)),
         real_features_dir=str(tmp_path_factory.mktemp("real-features")),
         settings=EvaluationSettings(
             num_samples=100, kid_subset_size=50, importance_samples=4, batch_size=100, seed=0
