@@ -381,10 +381,10 @@ def promote(
     """Make a version champion by hand (recorded, and published to production)."""
     from mlflow.exceptions import MlflowException
 
-    from components.registry.store import client_for, keep_reads
+    from components.registry.store import client_for
     from components.registry.versions import promote_manually, publish_to_production
 
-    params, uri, client = _tracking(project_dir)
+    params, _, client = _tracking(project_dir)
     name = _registered(model, params, project_dir)
     registry = params.registry
     try:
@@ -395,7 +395,6 @@ def promote(
         published = publish_to_production(client, name, version, registry.production_prefix, production)
     except MlflowException as err:
         raise _fail(f"{name} v{version}: {err.message}") from err
-    keep_reads(uri)
     console.print(
         f"{name}: champion -> v{version} ({reason}); published as {published.name} v{published.version}"
     )
@@ -404,16 +403,14 @@ def promote(
 @app.command()
 def rollback(model: ModelArgument, project_dir: ProjectDir = Path(".")) -> None:
     """Move champion back to the previous champion."""
-    from components.registry.store import keep_reads
     from components.registry.versions import rollback as roll_back
 
-    params, uri, client = _tracking(project_dir)
+    params, _, client = _tracking(project_dir)
     name = _registered(model, params, project_dir)
     try:
         current, previous = roll_back(client, name)
     except LookupError as err:
         raise _fail(str(err)) from err
-    keep_reads(uri)
     console.print(f"{name}: champion v{current} -> v{previous}")
 
 

@@ -41,7 +41,7 @@ from components.registry.lineage import (
     package_versions,
     params_hash,
 )
-from components.registry.store import client_for, keep_reads, resolve_tracking_uri
+from components.registry.store import client_for, resolve_tracking_uri
 from components.registry.tracking import RunLogger
 from components.registry.versions import (
     PromotionPolicy,
@@ -507,7 +507,6 @@ def retrain(
         _log_report(parent, inputs)
         parent.set_tags({"failed_models": ",".join(r.model for r in failed), "run_by": getpass.getuser()})
         parent.finish("FAILED" if failed else "FINISHED")
-        keep_reads(tracking_uri, [(inputs.registered_name(r.model), r.version) for r in results if r.version])
 
     for result in results:
         logger.info("%-10s %-14s %s", result.model, result.status, result.detail)

@@ -1,23 +1,27 @@
-"""Where the registry lives and what it holds, read with MLflow alone (no torch): for `genpipe status`.
+"""Where the registry lives and what it holds, read without importing MLflow: for `genpipe status`.
 
-MLflow is imported only by the functions that talk to it: importing it and opening a SQLite store
-cost about 5 s of CPU on a 2-core machine, most of a `genpipe status`. What a read of a local
-store returns depends only on the database's content, so `remembered` keeps it in a file beside
-the database, keyed by the database files' sizes and modification times: any write to the store
-(genpipe's, the MLflow UI's, another program's) changes the key and the next read asks MLflow again.
+Importing MLflow and opening its SQLite store cost about 3 s on a 2-core machine, most of a
+`genpipe status`, whose answer is a handful of rows. So the read-only commands read the registry
+the cheapest way that stays exact: a SQLite store's tables directly (read-only, only at the schema
+revision the queries were written for), a tracking server through MLflow's REST API, and any
+other store, or a SQLite store at another schema revision, through MLflow's client.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
-import functools
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable
+import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:
@@ -26,6 +30,13 @@ if TYPE_CHECKING:
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DATA_VERSION_TAG, PRIMARY_TAG = "data_version", "primary_metric"
+# The MLflow schema revision (alembic) that `SqliteRegistry`'s queries were written and tested
+# against; a store at any other revision is read through MLflow. A test checks that the installed
+# MLflow creates stores at this revision.
+SQLITE_SCHEMA_REVISION = "dc11669786a5"
+T = TypeVar("T")
+_WORKSPACE = "default"  # MLflow's workspace when none is configured
+_DELETED_STAGE = "Deleted_Internal"  # MLflow keeps deleted versions as rows with this stage
 
 
 def resolve_tracking_uri(configured: str | None = None, workdir: str | Path = ".") -> str:
@@ -43,58 +54,12 @@ def client_for(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def remembered(tracking_uri: str, what: str, read: Callable[[], Any]) -> Any:
-    """`read()` (JSON-serialisable), or what it returned before if the local store has not changed."""
-    return remembered_all(tracking_uri, {what: read})[what]
-
-
-def remembered_all(tracking_uri: str, reads: dict[str, Callable[[], Any]]) -> dict[str, Any]:
-    """Each read's value by name, from what it returned before if the local store has not changed.
-
-    The reads not kept are made and then kept with one write. A tracking server has no cheap sign
-    of change, so its reads always go to MLflow; so do reads during which the store changed (their
-    results are not kept).
-    """
-    database = sqlite_file(tracking_uri)
-    if database is None:
-        return {what: read() for what, read in reads.items()}
-    kept_in = database.with_name(f"{database.name}.genpipe-reads.json")
-    before = _store_state(database)
-    kept: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        kept = json.loads(kept_in.read_text())
-    known = kept.get("reads", {}) if kept.get("state") == before else {}
-    fresh = {what: read() for what, read in reads.items() if what not in known}
-    if fresh and _store_state(database) == before:  # unchanged while read (opening a new store creates it)
-        _write_atomically(kept_in, {"state": before, "reads": {**known, **fresh}})
-    return {what: known[what] if what in known else fresh[what] for what in reads}
-
-
 def sqlite_file(tracking_uri: str) -> Path | None:
     """The database file of a `sqlite:///` store; None for any other store."""
     parsed = urlparse(tracking_uri)
     if parsed.scheme != "sqlite" or parsed.path in ("", "/:memory:"):
         return None
     return Path(unquote(parsed.path))
-
-
-def _store_state(database: Path) -> list[list[int]]:
-    """Size and modification time of the database and of SQLite's journal files beside it."""
-    state = []
-    for path in (database, Path(f"{database}-wal"), Path(f"{database}-journal")):
-        with contextlib.suppress(FileNotFoundError):
-            stat = path.stat()
-            state.append([stat.st_size, stat.st_mtime_ns])
-            continue
-        state.append([])
-    return state
-
-
-def _write_atomically(path: Path, content: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):  # a read-only directory: the next read asks MLflow again
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
-            json.dump(content, file)
-        os.replace(file.name, path)
 
 
 def registered_name(dataset: str, model: str) -> str:
@@ -111,74 +76,233 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         return None
 
 
-def status_rows(tracking_uri: str) -> list[dict[str, str]]:
-    """`registry_status` of the store, remembered until the store changes (see `remembered`)."""
-    return remembered(tracking_uri, "status", lambda: registry_status(client_for(tracking_uri)))
+@dataclass(frozen=True)
+class VersionRecord:
+    """What the read-only commands show of a registered version."""
+
+    version: str
+    created_ms: int
+    tags: dict[str, str]
 
 
-def version_tags(tracking_uri: str, name: str, version: str) -> dict[str, str]:
-    """The tags of one registered version (its lineage), remembered until the store changes.
+class RegistryReader(Protocol):
+    def model_names(self) -> list[str]: ...
 
-    Raises LookupError naming the version when the registry does not hold it.
-    """
-    return remembered_all(tracking_uri, _tag_reads(tracking_uri, [(name, version)]))[_tags_key(name, version)]
+    def alias_version(self, name: str, alias: str) -> VersionRecord | None: ...
 
-
-def _tags_key(name: str, version: str) -> str:
-    return f"tags of {name} v{version}"
+    def version(self, name: str, version: str) -> VersionRecord | None: ...
 
 
-def _tag_reads(tracking_uri: str, versions: Iterable[tuple[str, str]]) -> dict[str, Callable[[], Any]]:
-    def read(name: str, version: str) -> dict[str, str]:
+class UnreadableHere(Exception):
+    """The light reader cannot read this store exactly; MLflow's client reads it instead."""
+
+
+class MlflowRegistry:
+    """The registry through MLflow's client: any store MLflow supports, at MLflow's start-up cost."""
+
+    def __init__(self, client: MlflowClient):
+        self.client = client
+
+    def model_names(self) -> list[str]:
+        return [model.name for model in self.client.search_registered_models()]
+
+    def alias_version(self, name: str, alias: str) -> VersionRecord | None:
+        found = alias_version(self.client, name, alias)
+        return None if found is None else _record(found)
+
+    def version(self, name: str, version: str) -> VersionRecord | None:
         from mlflow.exceptions import MlflowException
 
         try:
-            return dict(client_for(tracking_uri).get_model_version(name, version).tags)
-        except MlflowException as err:
-            raise LookupError(f"{name} v{version}: {err.message}") from err
-
-    return {_tags_key(name, version): functools.partial(read, name, version) for name, version in versions}
+            return _record(self.client.get_model_version(name, version))
+        except MlflowException:
+            return None
 
 
-def keep_reads(tracking_uri: str, versions: Iterable[tuple[str, str]] = ()) -> None:
-    """Reads, and so remembers, what `genpipe status` and `genpipe lineage` will be asked next: the
-    status table, and the lineage of each champion and of `versions` (name, version).
+def _record(version: ModelVersion) -> VersionRecord:
+    return VersionRecord(str(version.version), int(version.creation_timestamp), dict(version.tags))
 
-    The commands that write to the registry call it last, while MLflow is loaded anyway, so the next
-    read-only command finds the registry as they left it without importing MLflow.
+
+class SqliteRegistry:
+    """A `sqlite:///` store's registry tables, opened read-only (a missing file is an empty registry)."""
+
+    def __init__(self, database: Path):
+        self.database = database
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection | None]:
+        if not self.database.exists():
+            yield None
+            return
+        connection = sqlite3.connect(f"{self.database.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            try:
+                (revision,) = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+            except (sqlite3.DatabaseError, TypeError) as err:  # not (yet) an MLflow store
+                raise UnreadableHere(f"{self.database}: {err}") from err
+            if revision != SQLITE_SCHEMA_REVISION:
+                raise UnreadableHere(f"{self.database}: schema revision {revision}")
+            yield connection
+        finally:
+            connection.close()
+
+    def model_names(self) -> list[str]:
+        with self._connection() as db:
+            if db is None:
+                return []
+            rows = db.execute("SELECT name FROM registered_models WHERE workspace = ?", (_WORKSPACE,))
+            return [name for (name,) in rows]
+
+    def alias_version(self, name: str, alias: str) -> VersionRecord | None:
+        with self._connection() as db:
+            if db is None:
+                return None
+            found = db.execute(
+                "SELECT version FROM registered_model_aliases WHERE workspace = ? AND name = ? AND alias = ?",
+                (_WORKSPACE, name, alias),
+            ).fetchone()
+            return None if found is None else self._version(db, name, str(found[0]))
+
+    def version(self, name: str, version: str) -> VersionRecord | None:
+        with self._connection() as db:
+            return None if db is None else self._version(db, name, version)
+
+    @staticmethod
+    def _version(db: sqlite3.Connection, name: str, version: str) -> VersionRecord | None:
+        if not version.isdigit():
+            return None
+        found = db.execute(
+            "SELECT creation_time FROM model_versions"
+            " WHERE workspace = ? AND name = ? AND version = ? AND current_stage != ?",
+            (_WORKSPACE, name, int(version), _DELETED_STAGE),
+        ).fetchone()
+        if found is None:
+            return None
+        tags = db.execute(
+            "SELECT key, value FROM model_version_tags WHERE workspace = ? AND name = ? AND version = ?",
+            (_WORKSPACE, name, int(version)),
+        )
+        return VersionRecord(version, int(found[0]), dict(tags.fetchall()))
+
+
+class RestRegistry:
+    """A tracking server's registry through MLflow's REST API (`/api/2.0/mlflow/...`), with the
+    credentials MLflow's client takes from the environment (basic auth or a bearer token)."""
+
+    def __init__(self, tracking_uri: str):
+        self.base = tracking_uri.rstrip("/") + "/api/2.0/mlflow"
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS") or os.environ.get(
+            "MLFLOW_TRACKING_CLIENT_CERT_PATH"
+        ):
+            raise UnreadableHere("TLS settings only MLflow's client applies")
+        self.headers = {}
+        user, password = (
+            os.environ.get("MLFLOW_TRACKING_USERNAME"),
+            os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+        )
+        if user and password:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+        elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            self.headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+
+    def _get(self, endpoint: str, **query: str) -> dict | None:
+        """The reply's JSON; None when the server says the thing asked for does not exist."""
+        url = f"{self.base}/{endpoint}?{urllib.parse.urlencode(query)}"
+        request = urllib.request.Request(url, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):  # MLflow may know credentials we do not (~/.mlflow/credentials)
+                raise UnreadableHere(f"{url}: HTTP {err.code}") from err
+            body = err.read()
+            with contextlib.suppress(ValueError):
+                if json.loads(body).get("error_code") in (
+                    "RESOURCE_DOES_NOT_EXIST",
+                    "INVALID_PARAMETER_VALUE",
+                ):
+                    return None
+            raise RuntimeError(f"{url}: HTTP {err.code}: {body[:300]!r}") from err
+
+    def model_names(self) -> list[str]:
+        names, page = [], ""
+        while True:
+            reply = self._get("registered-models/search", max_results="1000", page_token=page) or {}
+            names += [model["name"] for model in reply.get("registered_models", [])]
+            page = reply.get("next_page_token", "")
+            if not page:
+                return names
+
+    def alias_version(self, name: str, alias: str) -> VersionRecord | None:
+        return self._record(self._get("registered-models/alias", name=name, alias=alias))
+
+    def version(self, name: str, version: str) -> VersionRecord | None:
+        return self._record(self._get("model-versions/get", name=name, version=version))
+
+    @staticmethod
+    def _record(reply: dict | None) -> VersionRecord | None:
+        if reply is None:
+            return None
+        found = reply["model_version"]
+        tags = {tag["key"]: tag.get("value", "") for tag in found.get("tags", [])}
+        return VersionRecord(str(found["version"]), int(found["creation_timestamp"]), tags)
+
+
+def reader_for(tracking_uri: str) -> RegistryReader:
+    """The light reader of this store: SQLite's tables, a server's REST API, else MLflow's client."""
+    database = sqlite_file(tracking_uri)
+    if database is not None:
+        return SqliteRegistry(database)
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        return RestRegistry(tracking_uri)
+    return MlflowRegistry(client_for(tracking_uri))
+
+
+def _read(tracking_uri: str, what: Callable[[RegistryReader], T]) -> T:
+    """`what(reader)` with the store's light reader, or with MLflow's client where that cannot read it."""
+    try:
+        return what(reader_for(tracking_uri))
+    except UnreadableHere:
+        return what(MlflowRegistry(client_for(tracking_uri)))
+
+
+def status_rows(tracking_uri: str) -> list[dict[str, str]]:
+    """`registry_status` of the store at `tracking_uri`."""
+    return _read(tracking_uri, registry_status)
+
+
+def version_tags(tracking_uri: str, name: str, version: str) -> dict[str, str]:
+    """The tags of one registered version (its lineage).
+
+    Raises LookupError naming the version when the registry does not hold it.
     """
-    champions = [
-        (row["model"], row["champion"]) for row in status_rows(tracking_uri) if row["champion"] != "-"
-    ]
-    remembered_all(tracking_uri, _tag_reads(tracking_uri, dict.fromkeys([*champions, *versions])))
+    found = _read(tracking_uri, lambda reader: reader.version(name, version))
+    if found is None:
+        raise LookupError(f"{name} v{version}: not in the registry at {tracking_uri}")
+    return found.tags
 
 
-def registry_status(client: MlflowClient) -> list[dict[str, str]]:
+_CHAMPION_COLUMNS = ("champion", "metric", "value", "data_version", "registered")
+
+
+def registry_status(registry: RegistryReader) -> list[dict[str, str]]:
     """One row per registered model: champion version, its primary metric, data version, when."""
     rows = []
-    for model in sorted(client.search_registered_models(), key=lambda m: m.name):
-        champion = alias_version(client, model.name, CHAMPION)
+    for name in sorted(registry.model_names()):
+        champion = registry.alias_version(name, CHAMPION)
         if champion is None:
-            rows.append(
-                {
-                    "model": model.name,
-                    "champion": "-",
-                    "metric": "-",
-                    "value": "-",
-                    "data_version": "-",
-                    "registered": "-",
-                }
-            )
+            rows.append({"model": name, **dict.fromkeys(_CHAMPION_COLUMNS, "-")})
             continue
         metric = champion.tags.get(PRIMARY_TAG, "")
         rows.append(
             {
-                "model": model.name,
-                "champion": str(champion.version),
+                "model": name,
+                "champion": champion.version,
                 "metric": metric,
                 "value": _shown(champion.tags.get(f"metric.{metric}")),
                 "data_version": champion.tags.get(DATA_VERSION_TAG, "-"),
-                "registered": _timestamp(champion.creation_timestamp),
+                "registered": _timestamp(champion.created_ms),
             }
         )
     return rows

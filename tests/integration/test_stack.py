@@ -8,6 +8,7 @@ fails, and the last test checks that stopping leaves no process behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import shlex
@@ -33,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from ray_checkpoints import registered_step
 from two_nodes import JOB_BATCH, JOB_EPOCHS, DriverRun
 
+from components.registry import store
 from components.training.trainer import STATE_FILE
 
 pytestmark = pytest.mark.integration
@@ -289,6 +291,20 @@ def test_genpipe_run_trains_on_the_stack_and_registers_there(stack, tmp_path):
     with admin(stack) as client:
         champion = client.get_model_version_by_alias("digits.vae", "champion")
         assert client.list_artifacts(champion.run_id, "model")
+        exact_status = store.registry_status(store.MlflowRegistry(client))
+        # `genpipe status` reads the server's REST API with the environment's credentials, as MLflow does.
+        assert store.registry_status(store.RestRegistry(stack.exports["MLFLOW_TRACKING_URI"])) == exact_status
+    status = subprocess.run(
+        [str(genpipe), "status", "--json", "-C", str(project)],
+        env=stack.client_env(),
+        capture_output=True,
+        check=True,
+    )
+    assert json.loads(status.stdout) == exact_status
+    with mlflow_as(stack, None, None), pytest.raises(store.UnreadableHere, match="HTTP 401"):
+        store.RestRegistry(
+            stack.exports["MLFLOW_TRACKING_URI"]
+        ).model_names()  # MLflow's client is asked then
     # The weights went through the server's artifact proxy into the stack's own store.
     assert list((stack.state / "mlflow/artifacts").glob(f"*/{champion.run_id}/artifacts/model/*"))
     sessions = Path(stack.ray_temp_dir) / "session_latest" / "logs"
