@@ -13,6 +13,7 @@ import functools
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -58,6 +59,29 @@ class Split:
     def for_kind(self, data_kind: str) -> np.ndarray:
         """The float32 array a model of `data_kind` ("binary" or "continuous") is evaluated on."""
         return self.binary.astype(np.float32) if data_kind == "binary" else self.images
+
+    def batches(self, data_kind: str, batch_size: int) -> Iterator[np.ndarray]:
+        """What `for_kind` holds, as float32 batches of `batch_size` images in split order (the last
+        one fewer), read one shard at a time: the same batches as cutting the whole array."""
+        if batch_size < 1:
+            raise ValueError(f"batch size {batch_size}: must be at least 1")
+        as_kind = (lambda x: x.astype(np.float32)) if data_kind == "binary" else unit_float
+        held: list[np.ndarray] = []
+        count = 0
+        for chunk in self.shards.chunks("binary" if data_kind == "binary" else "images"):
+            while len(chunk):
+                taken, chunk = chunk[: batch_size - count], chunk[batch_size - count :]
+                held.append(taken)
+                count += len(taken)
+                if count == batch_size:
+                    yield as_kind(np.concatenate(held))
+                    held, count = [], 0
+        if held:
+            yield as_kind(np.concatenate(held))
+
+    def head(self, data_kind: str, n: int) -> np.ndarray:
+        """The split's first `n` images (fewer if it has fewer; a split is never empty) as `for_kind` gives them."""
+        return next(self.batches(data_kind, n))
 
 
 @dataclass

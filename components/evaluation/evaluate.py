@@ -20,7 +20,7 @@ import os
 import pickle
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,12 +206,22 @@ def _batches_of(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
-def _batched(fn, x: Tensor, batch_size: int, on_batch: Callable[[], None]) -> Tensor:
+def _batched(
+    fn: Callable[[Tensor], Tensor], batches: Iterable[Tensor], on_batch: Callable[[], None]
+) -> Tensor:
     results = []
-    for chunk in x.split(batch_size):
-        results.append(fn(chunk))
+    for batch in batches:
+        results.append(fn(batch))
         on_batch()
     return torch.cat(results)
+
+
+def _split_batches(
+    data: PreparedData, split: str, kind: str, batch_size: int, device: torch.device | None = None
+) -> Iterator[Tensor]:
+    """One split as a model of `kind` sees it, in batches read shard by shard (on `device` if given)."""
+    for batch in data.split(split).batches(kind, batch_size):
+        yield _as_tensor(batch) if device is None else _as_tensor(batch).to(device)
 
 
 def draw_samples(
@@ -288,11 +298,10 @@ def evaluate_model(
         )
         metrics.update({f"{split}_{name}": value for name, value in scores.items()})
     if isinstance(model, ReconstructionModel):
-        shown_split = _as_tensor(data.split(splits[-1]).for_kind(model.data_kind)).to(device)
-        shown = min(16, len(shown_split))  # top row originals, bottom row their reconstructions
-        reconstructions = model.reconstruct(shown_split[:shown]).cpu()
-        images["reconstructions"] = (torch.cat([shown_split[:shown].cpu(), reconstructions]), shown)
-        strip = latent_interpolation(model, shown_split[0], shown_split[-1]).cpu()
+        originals = _as_tensor(data.split(splits[-1]).head(model.data_kind, 16)).to(device)
+        reconstructions = model.reconstruct(originals).cpu()  # top row originals, bottom row these
+        images["reconstructions"] = (torch.cat([originals.cpu(), reconstructions]), len(originals))
+        strip = latent_interpolation(model, originals[0], originals[-1]).cpu()
         images["interpolation"] = (strip, len(strip))
     return Evaluation(
         metrics=metrics,
@@ -316,10 +325,8 @@ def _real_features(
     activity = f"{split}: real features"
 
     def compute() -> Tensor:
-        images = _as_tensor(data.split(split).for_kind(kind))
-        return image_features(
-            images, extractor, batch_size=settings.batch_size, on_batch=tally.batch_of(activity)
-        )
+        batches = _split_batches(data, split, kind, settings.batch_size)
+        return image_features(batches, extractor, on_batch=tally.batch_of(activity))
 
     if cache is None:
         return compute()
@@ -341,9 +348,11 @@ def _split_metrics(
     tally: _Tally,
 ) -> dict[str, float]:
     """The scores of `model` on one split, names without the split."""
-    device, size = model.device, settings.batch_size
-    reference = _as_tensor(data.split(split).for_kind(model.data_kind))
-    on_device = reference.to(device)
+    device, size, kind = model.device, settings.batch_size, model.data_kind
+
+    def batches(on: torch.device | None = device, of: str = split) -> Iterator[Tensor]:
+        return _split_batches(data, of, kind, size, on)
+
     dims = model.num_dims
     metrics = fid_kid_of_features(
         reference_features,
@@ -352,18 +361,15 @@ def _split_metrics(
         generator=_generator(torch.device("cpu"), settings.seed, f"kid/{split}"),
     )
     if isinstance(model, DensityModel):
-        nll = -_batched(model.log_prob, on_device, size, tally.batch_of(f"{split}: NLL")).mean().item()
+        nll = -_batched(model.log_prob, batches(), tally.batch_of(f"{split}: NLL")).mean().item()
         metrics.update(nll=nll, bits_per_dim=bits_per_dim(nll, dims))
     if isinstance(model, LatentVariableModel):
         noise = _generator(device, settings.seed, f"posterior/{split}")
-        elbo = _batched(
-            lambda x: model.elbo(x, generator=noise), on_device, size, tally.batch_of(f"{split}: ELBO")
-        )
+        elbo = _batched(lambda x: model.elbo(x, generator=noise), batches(), tally.batch_of(f"{split}: ELBO"))
         negative_elbo = -elbo.mean().item()
         bound = -_batched(
             lambda x: model.importance_weighted_bound(x, settings.importance_samples, generator=noise),
-            on_device,
-            size,
+            batches(),
             tally.batch_of(f"{split}: NLL bound"),
         ).mean()
         metrics.update(
@@ -374,15 +380,15 @@ def _split_metrics(
     if not isinstance(model, DensityModel | LatentVariableModel):
         # Sample-only models get the Parzen-window estimate instead of a likelihood or a bound; its
         # bandwidth is chosen on another split than the one scored (validation for test, train for validation).
-        tuning = data.train if split == GATE_SPLIT else data.val
-        tuning_images = _as_tensor(tuning.for_kind(model.data_kind))
-        metrics.update(parzen_estimate(samples, tuning_images, reference, batch_size=size))
+        tuning = "train" if split == GATE_SPLIT else "val"
+        metrics.update(parzen_estimate(samples, batches(None, tuning), batches(None), batch_size=size))
         tally.batch_of(f"{split}: Parzen")()
     if isinstance(model, ReconstructionModel):
-        reconstructed = _batched(
-            model.reconstruct, on_device, size, tally.batch_of(f"{split}: reconstruction")
+        errors = _batched(
+            lambda x: (model.reconstruct(x) - x).pow(2).flatten(1).sum(1),
+            batches(),
+            tally.batch_of(f"{split}: reconstruction"),
         )
-        errors = (reconstructed - on_device).pow(2).flatten(1).sum(1)
         metrics["reconstruction_sse"] = errors.mean().item()
     return metrics
 

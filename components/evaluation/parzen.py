@@ -10,7 +10,7 @@ et al., 2016), reported for comparison between sample-only models, never next to
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,14 +66,22 @@ def parzen_log_likelihood(
 
 def parzen_estimate(
     samples: Tensor,
-    tuning: Tensor,
-    scored: Tensor,
+    tuning: Tensor | Iterable[Tensor],
+    scored: Tensor | Iterable[Tensor],
     *,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     batch_size: int = 500,
 ) -> dict[str, float]:
-    """Choose sigma on `tuning` from the grid, then the mean log-likelihood of `scored` (nats per image)."""
-    tuning_scores = parzen_log_likelihood(tuning, samples, sigmas, batch_size=batch_size).mean(1)
+    """Choose sigma on `tuning` from the grid, then the mean log-likelihood of `scored` (nats per image).
+
+    `tuning` and `scored` are each one tensor or batches of one (a split read shard by shard).
+    """
+
+    def log_likelihoods(images: Tensor | Iterable[Tensor], grid: Sequence[float]) -> Tensor:
+        batches = [images] if isinstance(images, Tensor) else images
+        return torch.cat([parzen_log_likelihood(x, samples, grid, batch_size=batch_size) for x in batches], 1)
+
+    tuning_scores = log_likelihoods(tuning, sigmas).mean(1)
     sigma = float(sigmas[int(tuning_scores.argmax())])
-    score = parzen_log_likelihood(scored, samples, [sigma], batch_size=batch_size).mean()
+    score = log_likelihoods(scored, [sigma]).mean()
     return {"parzen_ll_estimate": float(score), "parzen_sigma": sigma}

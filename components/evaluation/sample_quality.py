@@ -7,7 +7,7 @@ supplies as a file (such as the Inception-v3 of the FID literature), since nothi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -42,19 +42,21 @@ class SeededKernelInceptionDistance(KernelInceptionDistance):
 
 
 def image_features(
-    images: Tensor,
+    images: Tensor | Iterable[Tensor],
     extractor: nn.Module,
     *,
     batch_size: int = 500,
     on_batch: Callable[[], None] = lambda: None,
 ) -> Tensor:
-    """The extractor's N x D features of images in [0, 1], computed in batches on the extractor's
-    device (where it has parameters), returned on the CPU; `on_batch` is called after each batch."""
+    """The extractor's N x D features of images in [0, 1] (one tensor, cut into `batch_size` batches,
+    or batches as given), computed on the extractor's device (where it has parameters), returned on
+    the CPU; `on_batch` is called after each batch."""
     device = next(extractor.parameters(), torch.empty(0)).device
+    batches = images.split(batch_size) if isinstance(images, Tensor) else images
     chunks = []
     with torch.no_grad():
-        for chunk in images.float().split(batch_size):
-            chunks.append(extractor(chunk.to(device)).float().cpu())
+        for chunk in batches:
+            chunks.append(extractor(chunk.float().to(device)).float().cpu())
             on_batch()
     return torch.cat(chunks)
 

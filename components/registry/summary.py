@@ -76,7 +76,7 @@ def real_test_images(prepared: PreparedData | None) -> Callable[[str], bytes | N
             kind = model_class(family).data_kind_for(prepared.image_shape, {})
         except ValueError:  # a family that no longer exists in the code
             return None
-        return png_bytes(prepared.test.for_kind(kind)[:GRID_SIZE])
+        return png_bytes(prepared.test.head(kind, GRID_SIZE))
 
     return grid
 

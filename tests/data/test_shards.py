@@ -73,3 +73,18 @@ def test_bad_shard_size_and_missing_shard_are_named(digits_root, tmp_path):
         DataError, match=r"index.json: split 'val' lists shard files that are missing: val/images"
     ):
         load_prepared(tmp_path / "p")
+
+
+@pytest.mark.parametrize("kind", ["binary", "continuous"])
+def test_batches_across_shards_are_the_whole_array_cut_in_order(digits_root, tmp_path, kind):
+    prepare(digits_root / "raw", tmp_path / "prepared", 0.1, 0.2, 0, shard_images=37)  # batches span shards
+    split = load_prepared(tmp_path / "prepared").test
+    whole = split.for_kind(kind)
+    for size in (1, 36, 50, len(whole), len(whole) + 5):
+        batches = list(split.batches(kind, size))
+        assert [len(b) for b in batches] == [min(size, len(whole) - s) for s in range(0, len(whole), size)]
+        assert all(b.dtype == np.float32 for b in batches)
+        np.testing.assert_array_equal(np.concatenate(batches), whole)
+    np.testing.assert_array_equal(split.head(kind, 10), whole[:10])
+    with pytest.raises(ValueError, match="batch size 0"):
+        next(split.batches(kind, 0))

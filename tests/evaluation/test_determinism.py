@@ -141,3 +141,21 @@ def test_real_features_are_computed_once_then_read_and_give_the_same_scores(
     third = evaluate_model(model, digits, extractor, "f", SETTINGS, real_features=cache)
     assert third.metrics == uncached
     assert torch.load(damaged, weights_only=True).shape[0] == len(digits.val)
+
+
+@pytest.mark.parametrize("name", ["vae", "nade", "ae", "gan"])
+def test_evaluation_reads_each_split_shard_by_shard_with_the_same_scores(
+    digits_root, extractor: Featurizer, tmp_path, monkeypatch, name
+):
+    """Scores with small shards (batches spanning them) equal those with one shard per split, and no
+    split is ever held whole: evaluation of large data reads it in batches."""
+    from components.data.prepared import Split, load_prepared, prepare
+
+    prepare(digits_root / "raw", tmp_path / "one", 0.1, 0.2, 0, shard_images=10_000)
+    prepare(digits_root / "raw", tmp_path / "many", 0.1, 0.2, 0, shard_images=37)
+    one_shard = evaluate_model(tiny(name, 0), load_prepared(tmp_path / "one"), extractor, "f", SETTINGS)
+    with monkeypatch.context() as patch:
+        for whole in ("for_kind", "pixels", "images", "binary"):
+            patch.setattr(Split, whole, property(lambda _: pytest.fail("a split was read whole")))
+        many = evaluate_model(tiny(name, 0), load_prepared(tmp_path / "many"), extractor, "f", SETTINGS)
+    assert many.metrics == one_shard.metrics
