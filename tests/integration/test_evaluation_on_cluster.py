@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,28 @@ def test_an_evaluation_on_the_cluster_scores_exactly_as_in_this_process(ray_inst
     assert on_cluster.settings == here.settings
     assert torch.equal(on_cluster.images["samples"][0], here.images["samples"][0])
     assert updates and updates[-1].done == updates[-1].total  # the task's progress came back here
+
+
+def test_two_evaluations_run_side_by_side_when_the_cluster_has_room_for_both(ray_instance, task):
+    """Two evaluation tasks of one CPU each on the two-CPU instance: each is still under way, reporting
+    progress, for seconds while the other runs. (Run one after the other, their progress could
+    overlap by at most one poll of the feed, half a second.)"""
+    slow = dataclasses.replace(task, settings=dataclasses.replace(task.settings, importance_samples=1000))
+    heard: dict[int, list[tuple[float, int, int]]] = {0: [], 1: []}
+
+    def evaluate(seed: int):
+        torch.manual_seed(seed)
+        model = create_model("vae", (1, 8, 8), **TINY["vae"])
+        return evaluate_on_cluster(
+            model, slow, on_progress=lambda u: heard[seed].append((time.monotonic(), u.done, u.total))
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        evaluations = list(pool.map(evaluate, (0, 1)))
+    assert all("val_nll_bound" in evaluation.metrics for evaluation in evaluations)
+    for one, other in ((0, 1), (1, 0)):
+        other_began, other_ended = heard[other][0][0], heard[other][-1][0]
+        while_other_ran = [
+            at for at, done, total in heard[one] if done < total and other_began < at < other_ended
+        ]
+        assert while_other_ran and max(while_other_ran) - min(while_other_ran) > 2.0, heard
