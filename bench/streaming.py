@@ -41,7 +41,7 @@ from common import machine
 from components.data.prepared import PreparedData, load_prepared, prepare
 from components.data.raw import RawDataset, builtin_digits, write_raw
 from components.models import create_model
-from components.models.factory import model_class
+from components.training.jobs import training_splits
 from components.training.ray_train import (
     Scaling,
     ray_cluster,
@@ -97,8 +97,7 @@ def memory_run(job: TrainJob, data: PreparedData, path: str, work: Path) -> floa
     started = time.perf_counter()
     train_on_ray(
         job,
-        data.train.shards if path == "streamed" else data.train.pixels,
-        data.val.for_kind(model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams)),
+        *training_splits(job, data, streamed=path == "streamed"),
         scaling=Scaling(workers=1, gpus_per_worker=0),
         storage_path=work / "ray",
         run_name=f"memory-{path}",
@@ -112,12 +111,9 @@ def in_process_run(job: TrainJob, data: PreparedData, path: str, epochs: int, wo
     job = replace(job, epochs=epochs)
     shutil.rmtree(work / "local", ignore_errors=True)
     ctx = LocalContext(work / "local")
+    train, val = training_splits(job, data, streamed=path == "streamed")
     if path == "streamed":
-        split = data.train.shards
-        train = streamed_batches(shard_dataset(split, job.seed), job, stream_settings(split), ctx)
-    else:
-        train = data.train.pixels
-    val = data.val.for_kind(model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams))
+        train = streamed_batches(shard_dataset(train, job.seed), job, stream_settings(train), ctx)
     started = time.perf_counter()
     run_training(job, train, val, ctx)
     return time.perf_counter() - started

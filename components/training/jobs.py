@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from components.config import Params
 from components.data.prepared import PreparedData
+from components.data.shards import ShardedSplit
 from components.models import create_model
 from components.models.factory import model_class
 from components.training.ray_train import Scaling, train_on_ray
@@ -76,6 +78,17 @@ def storage_path(params: Params, project_dir: Path) -> str:
     return str(Path(project_dir).resolve() / configured)
 
 
+def training_splits(
+    job: TrainJob, data: PreparedData, streamed: bool
+) -> tuple[np.ndarray | ShardedSplit, np.ndarray | ShardedSplit]:
+    """What `train_on_ray` is given of the training and validation splits: their shards, which the
+    workers read (`streamed`), or the arrays, held whole on each worker's device (small data)."""
+    if streamed:
+        return data.train.shards, data.val.shards
+    kind = model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams)
+    return data.train.pixels, data.val.for_kind(kind)
+
+
 def train_model(
     job: TrainJob,
     data: PreparedData,
@@ -87,16 +100,14 @@ def train_model(
 ) -> TrainOutcome:
     """Train on Ray; the final weights land in `<project>/outputs/<run_name>`.
 
-    A training split above `train.streaming_threshold_images` streams from its shards; a smaller one
-    is held whole on each worker's device. `on_progress` receives where the training is, about once a
+    A training split above `train.streaming_threshold_images` streams from its shards (and the
+    validation split is read from its shards); a smaller one is held whole on each worker's device. `on_progress` receives where the training is, about once a
     second. Raises TrainingDiverged when the loss blew up.
     """
-    kind = model_class(job.spec.name).data_kind_for(job.spec.image_shape, job.spec.hparams)
     streamed = len(data.train) > params.train.streaming_threshold_images
     outcome = train_on_ray(
         job,
-        data.train.shards if streamed else data.train.pixels,
-        data.val.for_kind(kind),
+        *training_splits(job, data, streamed),
         scaling=scaling(params),
         storage_path=storage_path(params, project_dir),
         run_name=run_name,

@@ -177,13 +177,14 @@ def _worker_entry(config: dict[str, Any]) -> None:
         train = ray.get(config["train"])
     else:
         train = streamed_batches(ray.train.get_dataset_shard(STREAMED_DATASET), job, stream, ctx)
-    run_training(job, train, ray.get(config["val"]), ctx)
+    val = config["val"]
+    run_training(job, train, val if isinstance(val, ShardedSplit) else ray.get(val), ctx)
 
 
 def train_on_ray(
     job: TrainJob,
     x_train: np.ndarray | ShardedSplit,
-    x_val: np.ndarray,
+    x_val: np.ndarray | ShardedSplit,
     *,
     scaling: Scaling,
     storage_path: str | Path,
@@ -194,13 +195,17 @@ def train_on_ray(
     """Train `job` on the connected Ray cluster and copy the final weights to `output_dir`.
 
     `x_train` whole (uint8 pixels) goes through the object store onto each worker's device; as a
-    `ShardedSplit` it streams from its shard files through Ray Data. Re-running with the same
+    `ShardedSplit` it streams from its shard files through Ray Data. `x_val` whole goes through the
+    object store; as a `ShardedSplit` rank 0 reads its shard files batch by batch. Re-running with the same
     `storage_path` and `run_name` continues from the run's latest checkpoint instead of starting over.
     `on_progress` receives rank 0's progress about once a second.
     """
     storage = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
     collect_reports_promptly()
-    config: dict[str, Any] = {"job": asdict(job), "val": ray.put(x_val)}
+    config: dict[str, Any] = {
+        "job": asdict(job),
+        "val": x_val if isinstance(x_val, ShardedSplit) else ray.put(x_val),
+    }
     if isinstance(x_train, ShardedSplit):
         scaling.check_room_for_reads()
         config["stream"] = stream_settings(x_train)

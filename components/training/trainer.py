@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from components.data.prepared import Split
+from components.data.shards import ShardedSplit
 from components.models import GenerativeModel, ModelSpec, create_model
 from components.models.model_dir import load_weights, save_model_dir
 from components.training.batches import BatchSource, DeviceBatches
@@ -36,6 +38,9 @@ PROGRESS_GRID = 16  # images per progress grid: enough to see them improve, chea
 # split: the grid only illustrates, and a full pass every few epochs would cost an epoch on large data.
 PROGRESS_FIT_IMAGES = 4096
 PROGRESS_INTERVAL_S = 1.0  # rank 0 says where it is this often, not every step
+
+
+VALIDATION_BATCH = 1024  # images per forward pass of the per-epoch validation
 
 
 @dataclass
@@ -154,12 +159,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def run_training(
-    job: TrainJob, x_train: np.ndarray | BatchSource, x_val: np.ndarray, ctx: WorkerContext
+    job: TrainJob, x_train: np.ndarray | BatchSource, x_val: np.ndarray | ShardedSplit, ctx: WorkerContext
 ) -> None:
     """Train `job` on this worker's shard of `x_train`; rank 0 reports and checkpoints.
 
     `x_train` is the whole split (uint8 pixels, or float32 already in [0, 1]), held on the device, or
-    a `BatchSource` that streams this worker's part of it.
+    a `BatchSource` that streams this worker's part of it. `x_val` is the validation split as the
+    model sees it (float32), or its shards, read batch by batch at each epoch's end.
 
     The last checkpoint holds the final weights and the history; `read_outcome` reads it back.
     """
@@ -185,7 +191,7 @@ def run_training(
         network = torch.compile(network)
 
     binary = model.data_kind == "binary"
-    val = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32)).to(ctx.device)
+    val = _validation_batches(x_val, model.data_kind, ctx.device)
     batches = x_train
     if isinstance(x_train, np.ndarray):
         batches = DeviceBatches(
@@ -238,7 +244,7 @@ def run_training(
         if ctx.rank == 0:
             model.eval()
             with torch.no_grad():
-                metrics.update({k: float(v) for k, v in model.validation_metrics(val).items()})
+                metrics.update(_validation_metrics(model, val()))
                 if job.samples_due(epoch + 1) and not bad:  # no drawing from non-finite weights
                     progress[epoch + 1] = _progress_samples(model, batches.whole_split(), job.seed)
         metrics.update(epoch=epoch + 1, step=step)
@@ -257,6 +263,30 @@ def run_training(
         model.fit_after_training(batches.whole_split())
     final = {"step": step, "diverged": 1.0 if diverged else 0.0}
     _checkpoint(ctx, model, optimizers, step, job.epochs, record, progress, final, reason=diverged)
+
+
+def _validation_batches(
+    x_val: np.ndarray | ShardedSplit, data_kind: str, device: torch.device
+) -> Callable[[], Iterator[Tensor]]:
+    """A new pass over the validation split in batches on `device`, each time it is called: from the
+    array held on the device, or read shard by shard (a split too large to hold)."""
+    if isinstance(x_val, ShardedSplit):
+        split = Split(x_val)
+        return lambda: (torch.from_numpy(b).to(device) for b in split.batches(data_kind, VALIDATION_BATCH))
+    whole = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32)).to(device)
+    return lambda: iter(whole.split(VALIDATION_BATCH))
+
+
+def _validation_metrics(model: GenerativeModel, batches: Iterable[Tensor]) -> dict[str, float]:
+    """The family's validation metrics (means over images) over the whole split: the batches' means
+    weighted by their sizes."""
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in batches:
+        for name, value in model.validation_metrics(batch).items():
+            sums[name] = sums.get(name, 0.0) + float(value) * len(batch)
+        count += len(batch)
+    return {name: total / count for name, total in sums.items()}
 
 
 @torch.no_grad()

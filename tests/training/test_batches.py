@@ -78,3 +78,30 @@ def test_streamed_epoch_scales_uint8_batches_on_the_device(digits):
     batches = list(streamed.epoch(0))
     assert [len(b) for b in batches] == [4, 6] and all(b.dtype == torch.float32 for b in batches)
     np.testing.assert_array_equal(torch.cat(batches).numpy(), digits.train.images[:10])
+
+
+@pytest.mark.parametrize(("family", "hparams"), [("nade", {"hidden": 16}), ("dcgan", {"width": 8})])
+def test_validation_read_from_its_shards_in_batches_gives_the_whole_splits_metrics(
+    digits, tmp_path, monkeypatch, family, hparams
+):
+    """The validation split as shards, read in batches of 50 (so four batches, the last short), gives
+    the per-epoch validation metrics of the whole array at once; training is untouched."""
+    import components.training.trainer as trainer
+
+    job = job_for(digits, family, **hparams)
+    kind = create_model(family, digits.image_shape, **hparams).data_kind
+    run_training(job, digits.train.pixels, digits.val.for_kind(kind), LocalContext(tmp_path / "array"))
+    monkeypatch.setattr(trainer, "VALIDATION_BATCH", 50)
+    assert len(digits.val) > 3 * 50
+    run_training(job, digits.train.pixels, digits.val.shards, LocalContext(tmp_path / "shards"))
+
+    whole, batched = read_outcome(tmp_path / "array").history, read_outcome(tmp_path / "shards").history
+    validation = [name for name in whole[0] if name.startswith("val_")]
+    assert validation and len(whole) == len(batched) == 2
+    for at_once, in_batches in zip(whole, batched, strict=True):
+        assert {k: v for k, v in at_once.items() if k not in validation} == {
+            k: v for k, v in in_batches.items() if k not in validation
+        }
+        assert {k: in_batches[k] for k in validation} == pytest.approx(
+            {k: at_once[k] for k in validation}, rel=1e-5
+        )
