@@ -10,9 +10,9 @@ two wall times is the time of epochs 2..E. The paths alternate for `--rounds` ro
 gives the median round.
 
 Memory (`--memory-steps S`): peak resident memory of the driver (this process) and of the largest
-Ray process (the training worker, Ray Data's read tasks), sampled every 0.2 s during one real
-`train_on_ray` run of one epoch of S steps (the batch size is the split over S, so runs at N and 4N
-images train as many steps).
+Ray process (the training worker, Ray Data's read tasks), RSS and private (USS), and the object
+store's pages in /dev/shm, sampled every 0.2 s during one real `train_on_ray` run of one epoch of S
+steps (the batch size is the split over S, so runs at N, 4N and 16N images train as many steps).
 
 Data: the built-in digits (default), or `--generated N` random 3x32x32 uint8 images, prepared as
 the pipeline does, in shards of `--shard-images`.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import ray
 import torch
 from common import machine
 
@@ -57,11 +59,15 @@ PATHS = ("on-device", "streamed")
 
 
 class PeakMemory:
-    """Peak RSS of this process and of the largest of its descendants (Ray's workers and tasks),
-    sampled in a background thread."""
+    """Peaks, sampled in a background thread: this process's RSS; the largest RSS and the largest
+    private memory (USS: RSS less the shared pages, such as the object store's blocks a worker has
+    mapped) among its descendants that are Ray workers and tasks; and the pages of /dev/shm in use
+    (Ray's object store) above what they were at the start."""
 
     def __init__(self, interval_s: float = 0.2):
-        self.interval_s, self.driver_peak, self.worker_peak = interval_s, 0, 0
+        self.interval_s = interval_s
+        self.driver_peak = self.worker_peak = self.worker_private_peak = self.shared_peak = 0
+        self._shared_at_start = shutil.disk_usage("/dev/shm").used
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -69,10 +75,14 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             self.driver_peak = max(self.driver_peak, me.memory_info().rss)
+            shared = shutil.disk_usage("/dev/shm").used - self._shared_at_start
+            self.shared_peak = max(self.shared_peak, shared)
             for child in me.children(recursive=True):
                 try:
                     if " ".join(child.cmdline()).startswith("ray::"):
-                        self.worker_peak = max(self.worker_peak, child.memory_info().rss)
+                        memory = child.memory_full_info()
+                        self.worker_peak = max(self.worker_peak, memory.rss)
+                        self.worker_private_peak = max(self.worker_private_peak, memory.uss)
                 except psutil.Error:  # a task's process may end between listing and reading
                     continue
             time.sleep(self.interval_s)
@@ -84,6 +94,14 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def object_store_summary() -> str:
+    """What `ray memory --stats-only` says of the connected cluster's object store (use, spilling)."""
+    command = [str(Path(sys.executable).parent / "ray"), "memory", "--stats-only"]
+    address = ray.get_runtime_context().gcs_address
+    reply = subprocess.run([*command, "--address", address], capture_output=True, text=True, timeout=120)
+    return reply.stdout if reply.returncode == 0 else f"ray memory failed: {reply.stderr[-500:]}"
 
 
 def generated(n: int, seed: int = 0) -> RawDataset:
@@ -163,7 +181,8 @@ def main() -> None:
             sample_every_epochs=0,
         )
         del meta
-        rows = []
+        rows: list[str] = []
+        summaries: dict[str, str] = {}
         with ray_cluster():
             if args.memory_steps:
                 for path in args.paths:
@@ -171,8 +190,10 @@ def main() -> None:
                     with PeakMemory() as memory:
                         seconds = memory_run(job, data, path, work)
                     del data
+                    summaries[path] = object_store_summary()
                     rows.append(
-                        f"| {path} | {seconds:.1f} | | {memory.driver_peak / mib:,.0f} | {memory.worker_peak / mib:,.0f} |"
+                        f"| {path} | {seconds:.1f} | | {memory.driver_peak / mib:,.0f} | {memory.worker_peak / mib:,.0f}"
+                        f" | {memory.worker_private_peak / mib:,.0f} | {memory.shared_peak / mib:,.0f} |"
                     )
                     print(rows[-1], flush=True)
             else:
@@ -191,7 +212,9 @@ def main() -> None:
                 images = (epochs - 1) * num_train
                 for path, times in rounds.items():
                     short, long = sorted(times, key=lambda t: t[1] - t[0])[len(times) // 2]
-                    rows.append(f"| {path} | {short:.2f} | {long:.2f} | {images / (long - short):,.0f} | |")
+                    rows.append(
+                        f"| {path} | {short:.2f} | {long:.2f} | {images / (long - short):,.0f} | | | |"
+                    )
 
     table = [
         f"### {name} {shape}: {num_train:,} training images, {args.family}, batch {batch_size}, "
@@ -205,13 +228,18 @@ def main() -> None:
         f"Command: `.venv/bin/python bench/streaming.py {' '.join(sys.argv[1:])}`",
         "",
         (
-            "| path | run s | | driver peak RSS MiB | largest Ray process peak RSS MiB |"
+            "| path | run s | | driver peak RSS MiB | largest Ray process peak RSS MiB"
+            " | largest Ray process peak USS MiB | object store (/dev/shm) peak MiB |"
             if args.memory_steps
-            else "| path | 1-epoch run s | E-epoch run s | steady images/s | |"
+            else "| path | 1-epoch run s | E-epoch run s | steady images/s | | | |"
         ),
-        "|---|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
+        *(
+            f"`ray memory --stats-only` after the {path} run:\n\n```\n{summary.strip()}\n```\n"
+            for path, summary in summaries.items()
+        ),
     ]
     print("\n".join(table))
     with args.results.open("a") as out:

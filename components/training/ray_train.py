@@ -116,6 +116,7 @@ def _as_path(checkpoint: Checkpoint):
 
 STREAMED_DATASET = "train"
 PREFETCH_BATCHES = 2  # batches a worker's iterator reads ahead while the current one trains
+READ_AHEAD_SHARDS = 4  # shards per worker Ray Data may hold in the object store ahead of training
 SHARD_COLUMN = "data"  # the column `ray.data.read_numpy` puts each file's rows in
 
 
@@ -137,6 +138,15 @@ def shard_dataset(split: ShardedSplit, seed: int) -> ray.data.Dataset:
 def epoch_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of a worker's local shuffle buffer in one epoch: a different mix every epoch, repeatable."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def read_ahead_bytes(split: ShardedSplit, workers: int) -> int:
+    """The object store memory Ray Data may fill with shards read ahead of the workers: a few shards
+    per worker. Unbounded, its reads race ahead of training into the object store, in proportion to the
+    split's size until the store's own budget stops them (up to 3 GB of a 10 GB split here: bench/RESULTS-streaming.md)."""
+    largest = max(shard.count for shard in split.shards)
+    image_bytes = int(np.prod(np.load(split.paths("images")[0], mmap_mode="r").shape[1:]))
+    return READ_AHEAD_SHARDS * workers * largest * image_bytes
 
 
 def stream_settings(split: ShardedSplit) -> dict[str, Any]:
@@ -211,6 +221,9 @@ def train_on_ray(
         config["stream"] = stream_settings(x_train)
         ingest = ray.train.DataConfig.default_ingest_options()
         ingest.preserve_order = True
+        ingest.resource_limits = ray.data.ExecutionResources.for_limits(
+            object_store_memory=read_ahead_bytes(x_train, scaling.workers)
+        )
         data_options = {
             "datasets": {STREAMED_DATASET: shard_dataset(x_train, job.seed)},
             "dataset_config": ray.train.DataConfig(execution_options=ingest),
