@@ -29,7 +29,7 @@ from components.config import Params, load_params
 from components.data.prepared import PreparedData, load_prepared_version
 from components.data.versioning import data_at_revision, data_version, ensure_data, git_revision, reproduce
 from components.evaluation.evaluate import Evaluation
-from components.evaluation.on_cluster import EvaluationTask, evaluate_on_cluster
+from components.evaluation.on_cluster import EvaluationTask, ExtractorSource, evaluate_on_cluster
 from components.models import GenerativeModel
 from components.models.model_dir import load_model_dir
 from components.registry.lineage import (
@@ -129,7 +129,7 @@ def _evaluate(model: GenerativeModel, inputs: Inputs, shown_as: str) -> Evaluati
 
 def _model_inputs(inputs: Inputs, model: str) -> dict[str, Any]:
     """What decides `model` in this run, as fingerprinted and recorded on its version."""
-    extractor_id = inputs.evaluation_task({}).extractor.id()
+    extractor_id = ExtractorSource.from_params(inputs.params, inputs.project_dir).id()
     return model_inputs(inputs.params, model, inputs.data_version, extractor_id)
 
 

@@ -42,6 +42,16 @@ class ExtractorSource:
     featurizer_dir: str
     inception_weights: str | None = None
 
+    @classmethod
+    def from_params(cls, params: Params, project_dir: str | Path) -> ExtractorSource:
+        """The extractor params.yaml names; its paths are the project's."""
+        project, weights = Path(project_dir), params.evaluate.inception_weights
+        return cls(
+            params.evaluate.feature_extractor,
+            str(project / params.featurizer.dir),
+            str(project / Path(weights).expanduser()) if weights else None,
+        )
+
     def id(self) -> str:
         """The extractor's id, which hashes its weights, without loading it."""
         return feature_extractor_id(self.kind, self.featurizer_dir, self.inception_weights)
@@ -66,15 +76,10 @@ class EvaluationTask:
     ) -> EvaluationTask:
         project = Path(project_dir)
         section = params.evaluate
-        weights = section.inception_weights
         return cls(
             prepared_dir=str(project / params.data.prepared_dir),
             data_version=data_version,
-            extractor=ExtractorSource(
-                section.feature_extractor,
-                str(project / params.featurizer.dir),
-                str(project / Path(weights).expanduser()) if weights else None,
-            ),
+            extractor=ExtractorSource.from_params(params, project),
             real_features_dir=str(project / section.real_features_dir),
             settings=EvaluationSettings.from_params(params),
             cpus=section.cpus_per_task,
