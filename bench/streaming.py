@@ -151,6 +151,11 @@ def main() -> None:
         type=int,
         help="measure memory only: one run of one epoch of this many steps (the batch size follows)",
     )
+    parser.add_argument(
+        "--memory-batch-size",
+        type=int,
+        help="with --memory-steps: this batch size instead (the epoch then has as many steps as it takes)",
+    )
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the throughput runs")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to append the table to")
@@ -163,9 +168,10 @@ def main() -> None:
         prepare(work / "raw", work / "prepared", 0.1, 0.2, 0, args.shard_images)
         meta = load_prepared(work / "prepared")
         name, shape, num_train = meta.name, list(meta.image_shape), len(meta.train)
-        batch_size = (
-            args.batch_size if args.memory_steps is None else math.ceil(num_train / args.memory_steps)
-        )
+        if args.memory_steps is None:
+            batch_size = args.batch_size
+        else:
+            batch_size = args.memory_batch_size or math.ceil(num_train / args.memory_steps)
         steps_per_epoch = math.ceil(num_train / batch_size)
         epochs = 1 if args.memory_steps else args.epochs
         spec = create_model(args.family, meta.image_shape).spec
