@@ -142,8 +142,9 @@ def epoch_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
 
 def read_ahead_bytes(split: ShardedSplit, workers: int) -> int:
     """The object store memory Ray Data may fill with shards read ahead of the workers: a few shards
-    per worker. Unbounded, its reads race ahead of training into the object store, in proportion to the
-    split's size until the store's own budget stops them (up to 3 GB of a 10 GB split here: bench/RESULTS-streaming.md)."""
+    per worker. Unbounded, its reads race ahead of training into the object store, more the larger
+    the split, until the store's own budget stops them (up to 3 GB of a 10 GB split here, see
+    bench/RESULTS-streaming.md)."""
     largest = max(shard.count for shard in split.shards)
     image_bytes = int(np.prod(np.load(split.paths("images")[0], mmap_mode="r").shape[1:]))
     return READ_AHEAD_SHARDS * workers * largest * image_bytes
