@@ -63,9 +63,9 @@ def test_an_evaluation_on_the_cluster_scores_exactly_as_in_this_process(ray_inst
 
 
 def test_two_evaluations_run_side_by_side_when_the_cluster_has_room_for_both(ray_instance, task):
-    """Two evaluation tasks of one CPU each on the two-CPU instance: each is still under way, reporting
-    progress, for seconds while the other runs. (Run one after the other, their progress could
-    overlap by at most one poll of the feed, half a second.)"""
+    """Two evaluation tasks of one CPU each on the two-CPU instance both report progress at once for
+    seconds. (Run one after the other, their reports could overlap by at most one poll of a feed,
+    half a second.)"""
     slow = dataclasses.replace(task, settings=dataclasses.replace(task.settings, importance_samples=1000))
     heard: dict[int, list[tuple[float, int, int]]] = {0: [], 1: []}
 
@@ -79,9 +79,5 @@ def test_two_evaluations_run_side_by_side_when_the_cluster_has_room_for_both(ray
     with ThreadPoolExecutor(2) as pool:
         evaluations = list(pool.map(evaluate, (0, 1)))
     assert all("val_nll_bound" in evaluation.metrics for evaluation in evaluations)
-    for one, other in ((0, 1), (1, 0)):
-        other_began, other_ended = heard[other][0][0], heard[other][-1][0]
-        while_other_ran = [
-            at for at, done, total in heard[one] if done < total and other_began < at < other_ended
-        ]
-        assert while_other_ran and max(while_other_ran) - min(while_other_ran) > 2.0, heard
+    began, ended = (max(heard[i][0][0] for i in heard), min(heard[i][-1][0] for i in heard))
+    assert ended - began > 2.0, heard  # both were reporting progress at once for over two seconds
