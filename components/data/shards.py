@@ -45,6 +45,11 @@ class ShardedSplit:
         return sum(shard.count for shard in self.shards)
 
     @property
+    def largest_shard(self) -> int:
+        """Images in the split's largest shard: the most one read brings into memory."""
+        return max(shard.count for shard in self.shards)
+
+    @property
     def has_labels(self) -> bool:
         return bool(self.shards) and self.shards[0].labels is not None
 

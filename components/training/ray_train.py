@@ -145,16 +145,16 @@ def read_ahead_bytes(split: ShardedSplit, workers: int) -> int:
     per worker. Unbounded, its reads race ahead of training into the object store, more the larger
     the split, until the store's own budget stops them (up to 3 GB of a 10 GB split here, see
     bench/RESULTS-streaming.md)."""
-    largest = max(shard.count for shard in split.shards)
+    # Memory-mapped: only the first shard's header is read, for the size of one uint8 image.
     image_bytes = int(np.prod(np.load(split.paths("images")[0], mmap_mode="r").shape[1:]))
-    return READ_AHEAD_SHARDS * workers * largest * image_bytes
+    return READ_AHEAD_SHARDS * workers * split.largest_shard * image_bytes
 
 
 def stream_settings(split: ShardedSplit) -> dict[str, Any]:
     """What a worker needs besides its dataset shard to stream `split`."""
     return {
         "num_images": len(split),
-        "shuffle_buffer": max(shard.count for shard in split.shards),
+        "shuffle_buffer": split.largest_shard,
         # Rank 0 reads them in turn for the fit after training (an AE's code Gaussian).
         "shard_files": [str(path) for path in split.paths("images")],
     }

@@ -280,13 +280,14 @@ def _validation_batches(
 def _validation_metrics(model: GenerativeModel, batches: Iterable[Tensor]) -> dict[str, float]:
     """The family's validation metrics (means over images) over the whole split: the batches' means
     weighted by their sizes."""
-    sums: dict[str, float] = {}
+    # Summed on the device and read once at the end: a float() per batch would wait for the device.
+    sums: dict[str, Tensor] = {}
     count = 0
     for batch in batches:
         for name, value in model.validation_metrics(batch).items():
-            sums[name] = sums.get(name, 0.0) + float(value) * len(batch)
+            sums[name] = sums.get(name, 0.0) + value.detach().double() * len(batch)
         count += len(batch)
-    return {name: total / count for name, total in sums.items()}
+    return {name: float(total) / count for name, total in sums.items()}
 
 
 @torch.no_grad()
