@@ -50,16 +50,25 @@ def one_fit(work: Path, number: int) -> dict[str, float]:
         scaling_config=Scaling(workers=1, gpus_per_worker=0).scaling_config(),
         run_config=RunConfig(name=f"noop-{number}", storage_path=str(work / "ray")),
     )
+    busy_before = machine_busy_seconds()
     called = time.time()
     trainer.fit()
     returned = time.time()
+    busy = machine_busy_seconds() - busy_before
     record = json.loads(out.read_text())
     return {
         "fit() to the worker actor's process": record["worker_created"] - called,
         "worker process to the function": record["entered"] - record["worker_created"],
         "function's end to fit() returning": returned - record["left"],
         "whole fit()": returned - called,
+        "CPU seconds the machine spent during fit() (all processes)": busy,
     }
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every process on the machine has used so far (not idle, not waiting on I/O)."""
+    cpu = psutil.cpu_times()
+    return sum(cpu) - cpu.idle - getattr(cpu, "iowait", 0.0)
 
 
 def cold_import_seconds(statement: str) -> float:
