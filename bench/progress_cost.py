@@ -46,12 +46,12 @@ RESULTS = Path(__file__).with_name("RESULTS-progress-cost.md")
 def _worker(config: dict) -> None:
     train, val = ray.get(config["train"]), ray.get(config["val"])
     job = TrainJob(**config["job"])
-    inbox = config["progress_inbox"]
+    poster = config["progress_poster"]
     seconds: dict[str, list[float]] = {"on": [], "off": []}
     for round_index in range(config["rounds"]):
         order = ("off", "on") if round_index % 2 == 0 else ("on", "off")
         for mode in order:
-            context = FreshContext(inbox if mode == "on" else None)
+            context = FreshContext(poster if mode == "on" else None)
             started = time.perf_counter()
             run_training(job, train, val, context)
             seconds[mode].append(time.perf_counter() - started)
@@ -64,7 +64,7 @@ def _worker(config: dict) -> None:
     posts = 2_000
     started = time.perf_counter()
     for _ in range(posts):
-        inbox.post.remote(update)
+        poster.post(update)
     post_s = (time.perf_counter() - started) / posts
     loss = torch.ones((), requires_grad=True) * 2
     started = time.perf_counter()
@@ -106,7 +106,7 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
         received: list[TrainProgress] = []
         try:
-            with progress_feed(received.append, TrainProgress) as inbox:
+            with progress_feed(received.append, TrainProgress) as poster:
                 TorchTrainer(
                     _worker,
                     train_loop_config={
@@ -115,7 +115,7 @@ def main() -> None:
                         "val": ray.put(val),
                         "rounds": args.rounds,
                         "out": str(work / "record.json"),
-                        "progress_inbox": inbox,
+                        "progress_poster": poster,
                     },
                     scaling_config=Scaling(workers=1, gpus_per_worker=0).scaling_config(),
                     run_config=RunConfig(name="progress-cost", storage_path=str(work / "ray")),

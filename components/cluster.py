@@ -3,9 +3,11 @@ progress takes from a Ray worker back to the process that shows it."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
@@ -28,34 +30,63 @@ def gpus_to_use(setting: float | str) -> float:
 
 @ray.remote(num_cpus=0)
 class ProgressInbox:
-    """Holds the latest progress record of one training or evaluation until the driver takes it."""
+    """Holds the latest progress record of each training or evaluation (by feed) until the driver
+    takes it. One per driver and cluster: an actor is a process of its own, about 1 s of CPU to start,
+    which a 14-family run would otherwise pay twice per model."""
 
     def __init__(self) -> None:
-        self.latest: dict[str, Any] | None = None
+        self.latest: dict[int, dict[str, Any]] = {}
+
+    def post(self, feed: int, update: dict[str, Any]) -> None:
+        self.latest[feed] = update
+
+    def take(self, feed: int) -> dict[str, Any] | None:
+        return self.latest.pop(feed, None)
+
+
+@dataclass(frozen=True)
+class ProgressPoster:
+    """What a Ray worker holds to post one feed's progress (picklable)."""
+
+    inbox: ray.actor.ActorHandle
+    feed: int
 
     def post(self, update: dict[str, Any]) -> None:
-        self.latest = update
+        self.inbox.post.remote(self.feed, update)  # not awaited: the worker never waits for it
 
-    def take(self) -> dict[str, Any] | None:
-        update, self.latest = self.latest, None
-        return update
+
+_feeds = itertools.count()
+# The driver's handle keeps its inbox alive (Ray ends an actor when its creator's handles are gone).
+# Keyed by the node the driver is connected through and its job: a new cluster gets a new inbox.
+_inboxes: dict[tuple[str, str], ray.actor.ActorHandle] = {}
+_inboxes_lock = threading.Lock()
+
+
+def _driver_inbox() -> ray.actor.ActorHandle:
+    """This driver's inbox on the connected cluster, started by its first feed; it ends with the driver."""
+    context = ray.get_runtime_context()
+    key = (context.get_node_id(), context.get_job_id())
+    with _inboxes_lock:
+        if key not in _inboxes:
+            _inboxes[key] = ProgressInbox.remote()
+        return _inboxes[key]
 
 
 @contextmanager
 def progress_feed(
     on_progress: Callable[[Update], None] | None, kind: Callable[..., Update]
-) -> Iterator[ray.actor.ActorHandle | None]:
-    """An inbox for a Ray worker to post `asdict(update)` to; a thread rebuilds each latest post as
-    `kind(**post)` for `on_progress`. None (no inbox) when nobody listens."""
+) -> Iterator[ProgressPoster | None]:
+    """A poster for a Ray worker to post `asdict(update)` with; a thread rebuilds each latest post as
+    `kind(**post)` for `on_progress`. None (no poster) when nobody listens."""
     if on_progress is None:
         yield None
         return
-    inbox = ProgressInbox.remote()
+    poster = ProgressPoster(_driver_inbox(), next(_feeds))
     done = threading.Event()
 
     def forward() -> None:
         while True:
-            update = ray.get(inbox.take.remote())
+            update = ray.get(poster.inbox.take.remote(poster.feed))
             if update is not None:
                 on_progress(kind(**update))
             if done.wait(PROGRESS_POLL_S):
@@ -64,11 +95,10 @@ def progress_feed(
     poller = threading.Thread(target=forward, name="ray-progress", daemon=True)
     poller.start()
     try:
-        yield inbox
+        yield poster
     finally:
         done.set()
         poller.join()
-        final = ray.get(inbox.take.remote())  # posted after the poller's last look
+        final = ray.get(poster.inbox.take.remote(poster.feed))  # posted after the poller's last look
         if final is not None:
             on_progress(kind(**final))
-        ray.kill(inbox)

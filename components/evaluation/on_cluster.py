@@ -18,7 +18,7 @@ import ray
 import torch
 from torch import nn
 
-from components.cluster import gpus_to_use, progress_feed
+from components.cluster import ProgressPoster, gpus_to_use, progress_feed
 from components.config import Params
 from components.data.prepared import load_prepared_version
 from components.evaluation.evaluate import (
@@ -122,8 +122,10 @@ def run_evaluation(
 
 
 @ray.remote
-def _evaluation_task(model: GenerativeModel, task: EvaluationTask, inbox) -> Evaluation:
-    report = None if inbox is None else (lambda update: inbox.post.remote(asdict(update)))
+def _evaluation_task(
+    model: GenerativeModel, task: EvaluationTask, poster: ProgressPoster | None
+) -> Evaluation:
+    report = None if poster is None else (lambda update: poster.post(asdict(update)))
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     return run_evaluation(model, task, report, device)
 
@@ -135,6 +137,6 @@ def evaluate_on_cluster(
 ) -> Evaluation:
     """Evaluate `model` as a Ray task on the connected cluster with the task's CPUs and GPUs; its
     progress reaches `on_progress` here about twice a second."""
-    with progress_feed(on_progress, EvaluationProgress) as inbox:
+    with progress_feed(on_progress, EvaluationProgress) as poster:
         options = {"num_cpus": task.cpus, "num_gpus": gpus_to_use(task.gpus)}
-        return ray.get(_evaluation_task.options(**options).remote(model.cpu(), task, inbox))
+        return ray.get(_evaluation_task.options(**options).remote(model.cpu(), task, poster))

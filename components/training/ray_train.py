@@ -32,7 +32,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from components.cluster import gpus_to_use, progress_feed
+from components.cluster import ProgressPoster, gpus_to_use, progress_feed
 from components.data.shards import ShardedSplit
 from components.training.batches import StreamedBatches, streamed_batches_per_epoch
 from components.training.trainer import (
@@ -86,20 +86,20 @@ class Scaling:
 class RayContext:
     """`WorkerContext` backed by Ray Train's session of the current worker."""
 
-    def __init__(self, progress_inbox: ray.actor.ActorHandle | None = None) -> None:
+    def __init__(self, progress_poster: ProgressPoster | None = None) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-        self.progress_inbox = progress_inbox
+        self.progress_poster = progress_poster
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def progress(self, update: TrainProgress) -> None:
-        if self.progress_inbox is not None:
-            self.progress_inbox.post.remote(asdict(update))  # not awaited: training never waits for it
+        if self.progress_poster is not None:
+            self.progress_poster.post(asdict(update))
 
     def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
         checkpoint = ray.train.get_checkpoint()
@@ -182,7 +182,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    job, ctx = TrainJob(**config["job"]), RayContext(config.get("progress_inbox"))
+    job, ctx = TrainJob(**config["job"]), RayContext(config.get("progress_poster"))
     stream = config.get("stream")
     if stream is None:
         train = ray.get(config["train"])
@@ -232,10 +232,10 @@ def train_on_ray(
     else:
         config["train"] = ray.put(x_train)
         data_options = {}
-    with progress_feed(on_progress, TrainProgress) as inbox:
+    with progress_feed(on_progress, TrainProgress) as poster:
         trainer = TorchTrainer(
             _worker_entry,
-            train_loop_config={**config, "progress_inbox": inbox},
+            train_loop_config={**config, "progress_poster": poster},
             scaling_config=scaling.scaling_config(),
             **data_options,
             run_config=RunConfig(

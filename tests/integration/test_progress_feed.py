@@ -1,0 +1,29 @@
+"""Progress from Ray workers to the driver (real Ray): every feed of a driver goes through one inbox
+actor, and each feed's listener gets that feed's posts only."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from conftest import wait_until
+
+from components.cluster import progress_feed
+
+pytestmark = pytest.mark.integration
+
+
+@ray.remote(num_cpus=0)
+def post(poster, update: dict) -> None:
+    poster.post(update)
+
+
+def test_two_feeds_at_once_share_one_inbox_and_each_hears_only_its_own_posts(ray_instance):
+    heard = {"training": [], "evaluation": []}
+    with (
+        progress_feed(heard["training"].append, dict) as training,
+        progress_feed(heard["evaluation"].append, dict) as evaluation,
+    ):
+        ray.get([post.remote(training, {"step": 3}), post.remote(evaluation, {"phase": "nll"})])
+        wait_until(lambda: all(heard.values()), 30, "both posts", interval=0.1)
+        assert training.inbox is evaluation.inbox
+    assert heard == {"training": [{"step": 3}], "evaluation": [{"phase": "nll"}]}
