@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from filelock import FileLock
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+# The tests' projects score FID/KID under a featurizer of a few epochs (the stage's default trains 30):
+# every test that changes the data retrains it, and none needs it accurate, only the same for all.
+FEATURIZER_EPOCHS = 3
 SERVER_FIXTURES = {"ray_instance", "prefect_server", "mlflow_server"}
 SHARED_PROCESSES = "shared-processes"
 
@@ -249,9 +253,14 @@ def make_project(directory: Path) -> Path:
 @pytest.fixture(scope="session")
 def prepared_template(tmp_path_factory) -> Path:
     """One project as its first `genpipe run` prepares it (built-in data written and tracked, `dvc repro`
-    done: splits and the featurizer), made once for the whole run; tests copy it."""
+    done: splits and the featurizer; its MLflow store created), made once for the whole run; tests copy
+    it. Creating the store runs MLflow's schema migrations, 2.5-5 s of CPU that every copy would
+    repeat; test_report.py's run creates its own, as a first run does."""
+    from mlflow.tracking import MlflowClient
+
     from components.config import load_params
     from components.data.versioning import ensure_data, reproduce
+    from components.registry.store import resolve_tracking_uri
 
     shared = run_wide_dir(tmp_path_factory)
     template = shared / "prepared-template"
@@ -259,9 +268,20 @@ def prepared_template(tmp_path_factory) -> Path:
         if not (template / "dvc.lock").is_file():
             shutil.rmtree(template, ignore_errors=True)
             make_project(template)
+            set_params(template, featurizer={"epochs": FEATURIZER_EPOCHS})
             ensure_data(template, Path(load_params(template / "params.yaml").data.raw_dir))
             reproduce(template)
+            MlflowClient(tracking_uri=resolve_tracking_uri(None, template)).search_experiments()
     return template
+
+
+def set_params(project: Path, **sections: dict) -> None:
+    """Update sections of the project's params.yaml (a nested key at a time, the rest as it was)."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def copy_project(template: Path, directory: Path) -> Path:

@@ -57,6 +57,8 @@ CHROMIUM_FLAGS = (
 @pytest.fixture(scope="module")
 def trained_project(tmp_path_factory, ray_instance, prefect_server, project_factory) -> Path:
     project = project_factory(tmp_path_factory.mktemp("workspace") / "project")
+    # As a project's first run: the run creates its MLflow store (the template comes with one).
+    (project / "mlflow.db").unlink()
     state = retrain(project_dir=str(project), models=[MODEL], overrides=TINY, return_state=True)
     assert state.is_completed(), state.message
     return project

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 CODE_ROOT = Path(__file__).resolve().parents[2]
 GENPIPE = [sys.executable, "-m", "flows.cli"]
-EPOCHS = 10  # 200 steps: the pipeline is killed after step 5, well before the end
+EPOCHS = 5  # 100 steps: the pipeline is killed after step 5, well before the end
 
 
 class TemporaryServers:
