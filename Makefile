@@ -33,9 +33,9 @@ browser:
 
 # The inner loop while developing: lint plus every test that starts no server and no Ray (models, the
 # trainer in-process, data and DVC, the registry on SQLite) and compiles nothing. CI runs the whole
-# suite (`make test`).
+# suite (`make test`). tests/integration is all `integration`: not even collected here (its imports).
 test-fast: $(STAMP) lint
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not integration and not compiles" --durations=5
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not integration and not compiles" --ignore=tests/integration --durations=5
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -32,6 +32,10 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# One torch thread per test process (and per Ray worker and subprocess they start): the suite runs two
+# processes on two cores, and torch's default of a thread per core had them oversubscribe the machine
+# (`make test-fast` 105 s, 83 s on one thread each). Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The tests' projects score FID/KID under a featurizer of a few epochs (the stage's default trains 30):
 # every test that changes the data retrains it, and none needs it accurate, only the same for all.
@@ -251,16 +255,30 @@ def make_project(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prepared_template(tmp_path_factory) -> Path:
-    """One project as its first `genpipe run` prepares it (built-in data written and tracked, `dvc repro`
-    done: splits and the featurizer; its MLflow store created), made once for the whole run; tests copy
-    it. Creating the store runs MLflow's schema migrations, 2.5-5 s of CPU that every copy would
-    repeat; test_report.py's run creates its own, as a first run does."""
+def new_mlflow_store(tmp_path_factory):
+    """A function that puts a new, empty MLflow SQLite store at a path and returns its URI: a copy of
+    one that MLflow created in this test process. Creating a store runs MLflow's schema migrations,
+    1.5-5 s of CPU that every test's own store would repeat."""
     from mlflow.tracking import MlflowClient
 
+    created = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{created}").search_experiments()
+
+    def new_store(database: Path) -> str:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(created, database)
+        return f"sqlite:///{database}"
+
+    return new_store
+
+
+@pytest.fixture(scope="session")
+def prepared_template(tmp_path_factory, new_mlflow_store) -> Path:
+    """One project as its first `genpipe run` prepares it (built-in data written and tracked, `dvc repro`
+    done: splits and the featurizer; its MLflow store created), made once for the whole run; tests copy
+    it. test_report.py's run creates its own store, as a first run does."""
     from components.config import load_params
     from components.data.versioning import ensure_data, reproduce
-    from components.registry.store import resolve_tracking_uri
 
     shared = run_wide_dir(tmp_path_factory)
     template = shared / "prepared-template"
@@ -271,7 +289,7 @@ def prepared_template(tmp_path_factory) -> Path:
             set_params(template, featurizer={"epochs": FEATURIZER_EPOCHS})
             ensure_data(template, Path(load_params(template / "params.yaml").data.raw_dir))
             reproduce(template)
-            MlflowClient(tracking_uri=resolve_tracking_uri(None, template)).search_experiments()
+            new_mlflow_store(template / "mlflow.db")
     return template
 
 

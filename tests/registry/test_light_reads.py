@@ -42,9 +42,9 @@ def assert_same_reads(reader: store.RegistryReader, client: MlflowClient) -> Non
 
 
 @pytest.fixture
-def sqlite_store(tmp_path):
+def sqlite_store(tmp_path, new_mlflow_store):
     database = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{database}"
+    uri = new_mlflow_store(database)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     fill(client, str(tmp_path / "weights"))
     return database, uri, client

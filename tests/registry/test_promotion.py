@@ -53,8 +53,8 @@ def rule(**changed) -> PromotionPolicy:
 
 
 @pytest.fixture
-def client(tmp_path) -> MlflowClient:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def client(tmp_path, new_mlflow_store) -> MlflowClient:
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -201,7 +201,7 @@ def test_a_re_evaluation_under_other_settings_than_the_candidates_is_an_error(cl
         )
 
 
-def test_manual_promotion_rollback_and_production_copy(client, model_dir, tmp_path):
+def test_manual_promotion_rollback_and_production_copy(client, model_dir, tmp_path, new_mlflow_store):
     for nll in (30.0, 29.0, 28.0):
         judge(client, model_dir, evaluation(nll))
     assert champion(client) == "3"
@@ -213,14 +213,14 @@ def test_manual_promotion_rollback_and_production_copy(client, model_dir, tmp_pa
     copied = publish_to_production(client, NAME, "3")
     assert copied.name == f"prod.{NAME}" and copied.tags["source_version"] == "3"
     assert str(client.get_model_version_by_alias(f"prod.{NAME}", CHAMPION).version) == str(copied.version)
-    other_uri = f"sqlite:///{tmp_path / 'production.db'}"
+    other_uri = new_mlflow_store(tmp_path / "production.db")
     other = MlflowClient(tracking_uri=other_uri, registry_uri=other_uri)
     remote = publish_to_production(client, NAME, "3", production=other)
     assert remote.tags["source_model"] == NAME and remote.tags["weights_sha256"]
     assert isinstance(load_version(other, remote), torch.nn.Module)
 
 
-def test_a_retried_promotion_and_publication_repeat_nothing(client, model_dir, tmp_path):
+def test_a_retried_promotion_and_publication_repeat_nothing(client, model_dir, tmp_path, new_mlflow_store):
     judge(client, model_dir, evaluation(30.0))
     candidate, first = judge(client, model_dir, evaluation(20.0))
     assert first.promoted and champion(client) == "2"
@@ -238,7 +238,7 @@ def test_a_retried_promotion_and_publication_repeat_nothing(client, model_dir, t
     assert champion(client) == "2"
     assert client.get_registered_model(NAME).tags["champion_history"] == "1,2"
 
-    other_uri = f"sqlite:///{tmp_path / 'production.db'}"
+    other_uri = new_mlflow_store(tmp_path / "production.db")
     other = MlflowClient(tracking_uri=other_uri, registry_uri=other_uri)
     for target, production in ((client, None), (other, other)):
         first_copy, second_copy = (

@@ -188,11 +188,14 @@ def test_read_only_commands_import_neither_torch_nor_ray_nor_prefect(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "loaded:"
 
 
-def test_status_and_lineage_read_a_sqlite_store_without_mlflow_and_see_every_write(tmp_path):
+def test_status_and_lineage_read_a_sqlite_store_without_mlflow_and_see_every_write(
+    tmp_path, new_mlflow_store
+):
     """No read of a SQLite store imports MLflow, and another program's write is seen at once."""
     from components.registry.store import client_for, resolve_tracking_uri
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    new_mlflow_store(tmp_path / "mlflow.db")
     client = client_for(resolve_tracking_uri(None, tmp_path))
     client.create_registered_model("digits.vae")
     for value in ("71.5", "70.25"):
