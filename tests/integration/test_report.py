@@ -195,6 +195,12 @@ def test_genpipe_ui_opens_on_the_runs_and_shows_the_champion(trained_project, cl
         )
     finally:
         ui.send_signal(signal.SIGINT)  # Ctrl-C
-        ui.wait(timeout=60)
-    assert ui.returncode == 0, ui.stdout.read()
+        try:
+            # It gives each server 20 s to stop; a loaded machine has seen more than 60 s in all.
+            ui.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            ui.kill()
+    assert ui.returncode == 0, (
+        f"exit code {ui.returncode} after Ctrl-C; it printed:\n{ui.stdout.read()[-3000:]}"
+    )
     assert not http_ok(f"http://127.0.0.1:{port}/health"), "genpipe ui left the MLflow server running"
