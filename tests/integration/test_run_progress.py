@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import set_params
 
 pytestmark = pytest.mark.integration
 
@@ -72,10 +73,10 @@ def run_in_terminal(command: list[str], env: dict[str, str], timeout: float) -> 
 
 
 @pytest.fixture
-def small_project(project: Path) -> Path:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evaluate"].update(num_samples=200, importance_samples=10)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+def small_project(project_factory, tmp_path: Path) -> Path:
+    """A prepared copy of the template project (`dvc repro` done): what is printed is the runs' own."""
+    project = project_factory(tmp_path / "project")
+    set_params(project, evaluate={"num_samples": 200, "importance_samples": 10})
     return project
 
 
