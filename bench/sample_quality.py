@@ -12,6 +12,10 @@ it ran on.
     .venv/bin/python bench/sample_quality.py                          # built-in digits, a few minutes
     .venv/bin/python bench/sample_quality.py --models ae dae vaegan   # a subset
     .venv/bin/python bench/sample_quality.py --data path/to/mnist --max-images 12000 --epochs 3
+
+A long run can be continued: with `--keep-models DIR` each trained model (weights, optimiser state,
+history) stays in DIR, and a later run with the same DIR, data and settings but more `--epochs` trains
+on from where the last one stopped instead of starting over.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from components.evaluation.sample_quality import fid_kid
 from components.models import DensityModel
 from components.models.factory import list_models, model_class
 from components.models.model_dir import load_model_dir
-from components.training.trainer import LocalContext, TrainJob, run_training
+from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training
 
 RESULTS = Path(__file__).with_name("RESULTS-sample-quality.md")
 IMAGES = Path(__file__).with_name("results")
@@ -79,9 +83,10 @@ def real_grid(data: PreparedData, data_kind: str) -> str:
 
 
 def run_one(
-    name: str, data: PreparedData, args, work: Path, extractor, extractor_id: str, grids: Path = IMAGES
+    name: str, data: PreparedData, args, models: Path, extractor, extractor_id: str, grids: Path = IMAGES
 ) -> Row:
-    """Train and score one family; its sample grid goes to `grids`."""
+    """Train and score one family, continuing the model kept in `models` if there is one; its sample
+    grid goes to `grids`."""
     kind = model_class(name).data_kind_for(data.image_shape, {})
     torch.manual_seed(args.seed)
     job = TrainJob(
@@ -95,10 +100,14 @@ def run_one(
         compile=False,
         sample_every_epochs=0,
     )
-    out = work / name
+    out = models / f"{data.name}-{name}"
     start = time.perf_counter()
     run_training(job, data.train.images, data.val.for_kind(kind), LocalContext(out))
     train_seconds = time.perf_counter() - start
+    outcome = read_outcome(out)
+    epochs_now = sum(1 for epoch in outcome.history if epoch["step"] > outcome.resumed_from_step)
+    if outcome.resumed_from_step:
+        print(f"{name}: continued from step {outcome.resumed_from_step} in {out}", flush=True)
     model = load_model_dir(out)
     start = time.perf_counter()
     model.sample(SPEED_SAMPLES, generator=torch.Generator().manual_seed(args.seed))
@@ -119,7 +128,7 @@ def run_one(
         evaluation.metrics,
         sum(p.numel() for p in model.parameters()),
         train_seconds,
-        args.epochs * len(data.train) / train_seconds,
+        epochs_now * len(data.train) / train_seconds,
         SPEED_SAMPLES / sample_seconds,
         samples_png,
         real_grid(data, kind),
@@ -178,6 +187,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--keep-models",
+        type=Path,
+        metavar="DIR",
+        help="keep each trained model in DIR; a later run with the same DIR continues it to --epochs",
+    )
     results_arguments(parser, RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -197,7 +212,7 @@ def main() -> None:
         reference = data_reference(data, extractor, SETTINGS.num_samples)
         rows = []
         for name in names:
-            rows.append(run_one(name, data, args, work, extractor, extractor_id))
+            rows.append(run_one(name, data, args, args.keep_models or work, extractor, extractor_id))
             print(f"{name}: {rows[-1].metrics} in {rows[-1].train_seconds:.1f} s", flush=True)
 
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/sample_quality.py", *sys.argv[1:]])
@@ -213,7 +228,8 @@ KID subsets of {SETTINGS.kid_subset_size}; recon. SSE is the summed squared pixe
 the Parzen estimate is the mean test log-likelihood in nats per image of a Gaussian kernel density on the
 samples, bandwidth chosen on the validation split: an estimate for comparing sample-only models, not a
 likelihood. The VAE reports its importance-weighted NLL bound (on binarised data) instead.
-Train seconds include the per-epoch validation pass; sampling draws {SPEED_SAMPLES} images in one call.
+Train seconds include the per-epoch validation pass and cover the epochs this run trained (a model
+continued with `--keep-models` counts only its new epochs); sampling draws {SPEED_SAMPLES} images in one call.
 
 Machine: {machine()}.
 Command: `{command}`
