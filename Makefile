@@ -19,7 +19,8 @@ run: $(STAMP)
 	$(BIN)/genpipe run
 
 # Two test processes: much of the suite waits on one-threaded server start-ups and Python imports,
-# which a second process overlaps. Whole files go to one process, so module fixtures start once.
+# which a second process overlaps. Whole files go to one process, so module fixtures start once, and the
+# files of one group (tests/conftest.py's FILE_GROUPS) to the same process, which makes their shared run once.
 TEST_PROCESSES ?= 2
 
 test: $(STAMP) lint browser

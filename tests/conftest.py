@@ -42,6 +42,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 FEATURIZER_EPOCHS = 3
 SERVER_FIXTURES = {"ray_instance", "prefect_server", "mlflow_server"}
 SHARED_PROCESSES = "shared-processes"
+# Test files that read one costly session fixture, run in one process (pytest_xdist_make_scheduler).
+FILE_GROUPS = {
+    "tests/integration/test_colour_pipeline.py": "colour-run",
+    "tests/integration/test_report.py": "colour-run",
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,6 +55,22 @@ def pytest_collection_modifyitems(config, items):
         in_integration = "integration" in Path(item.fspath).parts
         if in_integration or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the files of a `FILE_GROUPS` group sent to one process as one unit, where
+    their session fixture is made once. (pytest-xdist's `loadgroup` would do this from marks, but under
+    pytest 9 its renamed node ids do not take, and it spreads a group's tests over the processes.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return FILE_GROUPS.get(file, file)
+
+    return FileGroupScheduling(config, log)
 
 
 def run_wide_dir(tmp_path_factory) -> Path:
@@ -377,3 +398,52 @@ TINY_SAMPLE_QUALITY = {
     "wgan-gp": {"latent_dim": 4, "width": 4, "n_critic": 2},
     "stylegan": {"latent_dim": 4, "width": 8, "mapping_layers": 2},
 }
+
+# Tiny widths of every family: the colour run tests each family's path at 3x32x32, not its quality.
+TINY_FAMILIES = {
+    "vae": {"latent_dim": 4, "channels": 4, "hidden": 16},
+    "fvsbn": {},
+    "nade": {"hidden": 16},
+    "made": {"hidden": 32},
+    "pixelcnn": {"channels": 8, "num_blocks": 1},
+    "pixelrnn": {"channels": 8, "hidden": 4, "num_layers": 1},
+    **TINY_SAMPLE_QUALITY,
+}
+COLOUR_SHAPE = (3, 32, 32)
+COLOUR_SAMPLES = 16
+
+
+@pytest.fixture(scope="session")
+def colour_run(tmp_path_factory, ray_instance, prefect_server, project_factory):
+    """A project whose data is 128 rendered shapes at 32x32, in which every family ran the flow once, as
+    the project's first run (which creates its MLflow store); and the flow run's final state. The files
+    that read it are one of `FILE_GROUPS`, so one process makes it once."""
+    from components.data.importers import builtin_dataset, install_dataset
+    from components.models import list_models
+    from flows.retrain import retrain
+
+    project = project_factory(tmp_path_factory.mktemp("colour") / "project")
+    (project / "mlflow.db").unlink()  # the template comes with a store; a first run creates its own
+    set_params(
+        project,
+        featurizer={"epochs": 1},
+        evaluate={
+            "num_samples": COLOUR_SAMPLES,
+            "kid_subset_size": 8,
+            "importance_samples": 2,
+            "batch_size": 64,
+        },
+        tracking={"system_metrics_interval_s": 1},  # each training lasts seconds
+    )
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["models"] = TINY_FAMILIES
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    install_dataset(builtin_dataset("shapes", size=128, resolution=COLOUR_SHAPE[1]), project)
+    state = retrain(
+        project_dir=str(project),
+        models=list_models(),
+        overrides={"train": {"epochs": 1, "batch_size": 16, "max_concurrent_models": 2}},
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    return project, state

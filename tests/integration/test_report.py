@@ -1,7 +1,8 @@
 """What a user sees after a run, checked in a real headless browser (Debian's chromium, Selenium):
 the report page, and the MLflow UI that `genpipe ui` starts; plus what the tracking store holds.
 
-One small flow run (one model, one epoch) serves every test of the module.
+They read the every-family colour run (conftest's `colour_run`: the project's first flow run, one
+epoch of every family on 3x32x32 shapes), which test_colour_pipeline.py checks too.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import PROJECT_ROOT, free_port, http_ok, wait_until
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from components.models import list_models
 from components.registry.store import resolve_tracking_uri
 from components.registry.tracking import (
     EXPERIMENT_KIND_TAG,
@@ -28,17 +31,12 @@ from components.registry.tracking import (
 )
 from components.registry.versions import CHAMPION
 from flows.cli import app
-from flows.retrain import REPORT_ARTIFACT, retrain
-from tests.conftest import PROJECT_ROOT, free_port, http_ok, wait_until
+from flows.retrain import REPORT_ARTIFACT
 
 pytestmark = pytest.mark.integration
 
 MODEL = "vae"
-TINY = {
-    "train": {"epochs": 1},
-    "evaluate": {"num_samples": 200, "importance_samples": 10},
-    "tracking": {"system_metrics_interval_s": 1},  # the one-epoch training lasts a few seconds
-}
+NAME = f"shapes32.{MODEL}"
 AS_FROM_A_TERMINAL = (
     "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
     "sys.argv[0] = 'genpipe'; runpy.run_module('flows.cli', run_name='__main__')"
@@ -59,13 +57,8 @@ CHROMIUM_FLAGS = (
 
 
 @pytest.fixture(scope="module")
-def trained_project(tmp_path_factory, ray_instance, prefect_server, project_factory) -> Path:
-    project = project_factory(tmp_path_factory.mktemp("workspace") / "project")
-    # As a project's first run: the run creates its MLflow store (the template comes with one).
-    (project / "mlflow.db").unlink()
-    state = retrain(project_dir=str(project), models=[MODEL], overrides=TINY, return_state=True)
-    assert state.is_completed(), state.message
-    return project
+def trained_project(colour_run) -> Path:
+    return colour_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +101,7 @@ def body_text(driver) -> str:
 
 
 def model_run(client: MlflowClient):
-    champion = client.get_model_version_by_alias(f"digits.{MODEL}", CHAMPION)
+    champion = client.get_model_version_by_alias(NAME, CHAMPION)
     return champion, client.get_run(champion.run_id)
 
 
@@ -139,19 +132,22 @@ def test_report_page_shows_every_family_with_loaded_pictures(trained_project, cl
     assert re.findall(r'(?:src|href)="(?!data:)[^"]*"', page) == []  # everything embedded: no network
     browser.get(output.as_uri())
     rows = browser.find_elements("css selector", "table tr.family-row")
-    assert [row.get_attribute("data-family") for row in rows] == [MODEL]
+    families = list_models()
+    assert sorted(row.get_attribute("data-family") for row in rows) == sorted(families)
     images = browser.find_elements("tag name", "img")
-    assert len(images) == 2  # the champion's samples and the real test images
+    assert len(images) == 2 * len(families)  # each champion's samples and the real test images
     widths = browser.execute_script("return [...document.images].map(i => i.complete ? i.naturalWidth : 0)")
     assert all(width > 0 for width in widths), widths
-    assert len(browser.find_elements("css selector", "svg.chart circle")) >= 2  # score and curve points
+    # Each family's score, ringed as the champion's.
+    assert len(browser.find_elements("css selector", "svg.chart circle")) >= 2 * len(families)
     screenshot(browser, tmp_path / "report.png")
 
     parent = client.search_runs(
         [client.get_experiment_by_name("genpipe").experiment_id], "tags.mlflow.runName LIKE 'retrain-%'"
     )[0]
     logged = Path(client.download_artifacts(parent.info.run_id, REPORT_ARTIFACT, str(tmp_path)))
-    assert 'data-family="vae"' in logged.read_text() and "data:image/png;base64," in logged.read_text()
+    assert all(f'data-family="{family}"' in logged.read_text() for family in families)
+    assert "data:image/png;base64," in logged.read_text()
 
 
 def test_genpipe_ui_opens_on_the_runs_and_shows_the_champion(trained_project, client, browser, tmp_path):
@@ -190,10 +186,10 @@ def test_genpipe_ui_opens_on_the_runs_and_shows_the_champion(trained_project, cl
         )
         screenshot(browser, tmp_path / "mlflow-runs.png")
 
-        browser.get(ui_model_url(base, f"digits.{MODEL}"))
+        browser.get(ui_model_url(base, NAME))
         wait_until(lambda: re.search(r"@\s*champion\b", body_text(browser)), 90, "the champion alias", 1)
         screenshot(browser, tmp_path / "mlflow-model.png")
-        browser.get(f"{base}/#/models/digits.{MODEL}/versions/1?workflowType=machine_learning")
+        browser.get(f"{base}/#/models/{NAME}/versions/1?workflowType=machine_learning")
         wait_until(lambda: "Promoted to champion" in body_text(browser), 90, "the version's description", 1)
         [grid_link] = browser.find_elements("link text", "Sample grid")
         assert grid_link.get_attribute("href").endswith(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import set_params
 from mlflow.tracking import MlflowClient
 from ray_checkpoints import registered_step
 
@@ -84,10 +85,7 @@ def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
     prefect_setup, tmp_path, ray_instance, project_factory
 ):
     project = project_factory(tmp_path / "project")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"].update(checkpoint_every_steps=5, epochs=EPOCHS)
-    params["evaluate"].update(num_samples=100)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    set_params(project, train={"checkpoint_every_steps": 5, "epochs": EPOCHS}, evaluate={"num_samples": 100})
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
     env.update(
         prefect_setup.env,
@@ -120,7 +118,8 @@ def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
     assert len(client.get_metric_history(version.run_id, "train/model_loss")) == EPOCHS
 
     # The dead run's MLflow runs and flow run were ended by the resumed one, not left running for good.
-    runs = client.search_runs([client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id])
+    experiment = yaml.safe_load((project / "params.yaml").read_text())["tracking"]["experiment"]
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     abandoned = [r for r in runs if r.info.status == "KILLED"]
     assert sorted(r.data.tags["mlflow.runName"].split("-")[0] for r in abandoned) == ["nade", "retrain"]

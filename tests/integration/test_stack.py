@@ -26,7 +26,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 from conftest import scheduled_runs, wait_until
 from mlflow.exceptions import MlflowException
 from mlflow.server import get_app_client
@@ -274,14 +273,11 @@ def test_deployments_land_on_the_stack_prefect_server(stack, tmp_path):
 
 
 def test_genpipe_run_trains_on_the_stack_and_registers_there(stack, tmp_path):
-    from conftest import make_project
+    from conftest import make_project, set_params
 
+    # A new project: this first run writes and tracks the built-in data and runs `dvc repro`.
     project = make_project(tmp_path / "project")
-    params_file = project / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["featurizer"]["epochs"] = 2
-    params["evaluate"].update(num_samples=200, importance_samples=10)
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(project, featurizer={"epochs": 2}, evaluate={"num_samples": 200, "importance_samples": 10})
 
     genpipe = Path(sys.executable).parent / "genpipe"
     command = [str(genpipe), "run", "--models", "vae", "--epochs", "1", "-C", str(project)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import set_params
 from mlflow.tracking import MlflowClient
 
 from components.registry.store import resolve_tracking_uri
@@ -75,9 +76,7 @@ def append_comment(project: Path, module: str) -> None:
 def trained(tmp_path_factory, ray_instance, prefect_server, project_factory) -> Path:
     """One project in which vae, wgan, dcgan and nade went through a first run."""
     project = project_factory(tmp_path_factory.mktemp("what-changed") / "project")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evaluate"].update(num_samples=100, kid_subset_size=50, importance_samples=5)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(project, evaluate={"num_samples": 100, "kid_subset_size": 50, "importance_samples": 5})
     genpipe_run(project, ray_instance, FAMILIES)
     assert all(len(found) == 1 for found in versions(project).values()), versions(project)
     return project
@@ -100,9 +99,7 @@ def test_a_change_to_code_a_family_imports_retrains_it_and_names_the_module(trai
 
 def test_a_new_split_retrains_on_the_prepared_data_and_says_so(trained, ray_instance):
     before = versions(trained)
-    params = yaml.safe_load((trained / "params.yaml").read_text())
-    params["data"]["val_fraction"] = 0.15
-    (trained / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(trained, data={"val_fraction": 0.15})
     genpipe_run(trained, ray_instance, ("vae", "nade"))
     counts = json.loads((trained / "prepared" / "meta.json").read_text())["counts"]
     assert counts["train"] == 1168  # dvc repro re-split the same raw data
