@@ -14,8 +14,8 @@ it ran on.
     .venv/bin/python bench/sample_quality.py --data path/to/mnist --max-images 12000 --epochs 3
 
 A long run can be continued: with `--keep-models DIR` each trained model (weights, optimiser state,
-history) stays in DIR, and a later run with the same DIR, data and settings but more `--epochs` trains
-on from where the last one stopped instead of starting over.
+history) stays in DIR, checkpointed every few hundred steps, and a later run with the same DIR, data
+and settings but more `--epochs` trains on from where the last one stopped instead of starting over.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from components.training.trainer import LocalContext, TrainJob, read_outcome, ru
 RESULTS = Path(__file__).with_name("RESULTS-sample-quality.md")
 IMAGES = Path(__file__).with_name("results")
 SPEED_SAMPLES = 1000  # images drawn in one call to time sampling
+KEPT_CHECKPOINT_STEPS = 500
 PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 SETTINGS = EvaluationSettings.from_params(PARAMS)  # the pipeline's own evaluation
 
@@ -95,7 +96,8 @@ def run_one(
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        checkpoint_every_steps=0,
+        # A kept model is also checkpointed as it trains, so a run stopped early continues from there.
+        checkpoint_every_steps=KEPT_CHECKPOINT_STEPS if args.keep_models else 0,
         precision="auto",
         compile=False,
         sample_every_epochs=0,
