@@ -24,8 +24,8 @@ class FamilyEntry:
     """What `genpipe models` shows of one family."""
 
     name: str
-    data_kind: str
-    primary_metric: str
+    data_kind: str  # every kind the family's models can have, " / "-separated
+    primary_metric: str  # the primary metric of each of those kinds, in the same order
     hyperparameters: dict[str, Any]
 
 
@@ -129,11 +129,13 @@ def family_catalogue() -> tuple[FamilyEntry, ...]:
             name = isinstance(node, ast.ClassDef) and _registered_name(node)
             if name:
                 mro = _mro(module, node.name)
+                kinds = _class_attribute(mro, "data_kinds")
+                metrics = _class_attribute(mro, "primary_metrics")
                 entries.append(
                     FamilyEntry(
                         name,
-                        " / ".join(_class_attribute(mro, "data_kinds")),
-                        _class_attribute(mro, "primary_metric"),
+                        " / ".join(kinds),
+                        " / ".join(metrics[kind] for kind in kinds),
                         _hyperparameters(mro),
                     )
                 )

@@ -305,7 +305,7 @@ def evaluate_model(
         images["interpolation"] = (strip, len(strip))
     return Evaluation(
         metrics=metrics,
-        primary_metric=type(model).primary_metric,
+        primary_metric=model.primary_metric,
         extractor_id=extractor_id,
         settings=evaluation_record(settings, extractor_id, splits, context or {}),
         images=images,

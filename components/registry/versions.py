@@ -59,6 +59,7 @@ METRICS = {
     "nll_bound": MetricInfo("NLL bound", "nats/image"),
     "negative_elbo": MetricInfo("negative ELBO", "nats/image"),
     "bits_per_dim": MetricInfo("NLL", "bits/dim"),
+    "bits_per_dim_bound": MetricInfo("NLL bound", "bits/dim"),
     "fid": MetricInfo("FID"),
     "kid_mean": MetricInfo("KID"),
 }

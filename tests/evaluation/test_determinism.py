@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -25,10 +26,10 @@ def extractor() -> Featurizer:
     return Featurizer(1, 16, 10, 8).eval().requires_grad_(False)
 
 
-def tiny(name: str, seed: int):
+def tiny(name: str, seed: int, **form):
     torch.manual_seed(seed)
     hparams = {"vae": {"latent_dim": 2, "channels": 4, "hidden": 16}}.get(name, {})
-    return create_model(name, (1, 8, 8), **hparams)
+    return create_model(name, (1, 8, 8), **hparams, **form)
 
 
 def test_an_evaluation_beside_a_concurrent_one_gives_bit_identical_metrics(
@@ -89,6 +90,27 @@ def test_every_metric_is_named_by_its_split_and_a_split_does_not_depend_on_the_o
     assert val_only.metrics == {k: v for k, v in both.metrics.items() if k.startswith("val_")}
     with pytest.raises(ValueError, match="train"):
         evaluate_model(model, digits, extractor, "f", SETTINGS, splits=("train",))
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels", "nats", "primary"),
+    [
+        ("nade", "binary", "nll", "nll"),
+        ("nade", "8bit", "nll", "bits_per_dim"),
+        ("vae", "binary", "nll_bound", "nll_bound"),
+        ("vae", "8bit", "nll_bound", "bits_per_dim_bound"),
+    ],
+)
+def test_the_gate_reads_nats_per_image_on_binary_pixels_and_bits_per_dim_on_8bit_ones(
+    digits: PreparedData, extractor: Featurizer, name: str, pixels: str, nats: str, primary: str
+):
+    evaluation = evaluate_model(
+        tiny(name, 0, pixels=pixels), digits, extractor, "f", SETTINGS, splits=("val",)
+    )
+    assert evaluation.gate_metric == f"val_{primary}"
+    bits = evaluation.metrics[f"val_{nats.replace('nll', 'bits_per_dim')}"]
+    assert bits == pytest.approx(evaluation.metrics[f"val_{nats}"] / (8 * 8 * math.log(2)))
+    assert 0 < bits < (1.5 if pixels == "binary" else 12)
 
 
 @pytest.mark.parametrize("name", ["vae", "nade", "dcgan"])

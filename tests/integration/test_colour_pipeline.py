@@ -6,6 +6,7 @@ built-in digits is tested in test_pipeline.py."""
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -15,10 +16,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from scored import assert_scored
+from scored import assert_scored, expected_primary_metric
 
 from components.models import list_models
-from components.models.factory import model_class
 from components.registry.store import resolve_tracking_uri
 from components.registry.versions import CHAMPION
 
@@ -48,11 +48,13 @@ def test_every_family_trains_samples_and_is_scored_at_3x32x32_through_the_flow(c
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     for family in list_models():
         version = client.get_model_version_by_alias(f"shapes32.{family}", CHAMPION)
-        metrics = assert_scored(family, version)
-        primary = model_class(family).primary_metric
-        if primary == "nll" or family == "vae":  # exact, or the VAE's bound, on the 8-bit values
-            bits = metrics["test_bits_per_dim" if primary == "nll" else "test_bits_per_dim_bound"]
+        metrics = assert_scored(family, version, pixels="8bit")
+        primary = expected_primary_metric(family, "8bit")
+        if primary.startswith("bits_per_dim"):  # exact, or the VAE's bound, on the 8-bit values
+            bits = metrics[f"test_{primary}"]
             assert 0 < bits < 16, f"{family}: {bits} bits/dim on 8-bit data"
+            nats = metrics["test_nll" if primary == "bits_per_dim" else "test_nll_bound"]
+            assert nats == pytest.approx(bits * math.log(2) * math.prod(COLOUR_SHAPE)), family
         with tempfile.TemporaryDirectory() as tmp:
             spec = json.loads(
                 Path(client.download_artifacts(version.run_id, "model/data/model.json", tmp)).read_text()
