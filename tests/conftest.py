@@ -434,10 +434,8 @@ def colour_run(tmp_path_factory, ray_instance, prefect_server, project_factory):
             "batch_size": 64,
         },
         tracking={"system_metrics_interval_s": 1},  # each training lasts seconds
+        models=TINY_FAMILIES,  # every family's entry replaced whole
     )
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["models"] = TINY_FAMILIES
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     install_dataset(builtin_dataset("shapes", size=128, resolution=COLOUR_SHAPE[1]), project)
     state = retrain(
         project_dir=str(project),
