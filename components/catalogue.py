@@ -140,3 +140,9 @@ def family_catalogue() -> tuple[FamilyEntry, ...]:
                     )
                 )
     return tuple(sorted(entries, key=lambda entry: entry.name))
+
+
+def family_hyperparameters(name: str) -> dict[str, Any]:
+    """The hyper-parameters of family `name` and their defaults; empty for a name no family has."""
+    entry = next((entry for entry in family_catalogue() if entry.name == name), None)
+    return entry.hyperparameters if entry else {}

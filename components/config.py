@@ -24,6 +24,8 @@ from pydantic import (
     field_validator,
 )
 
+from components.catalogue import family_hyperparameters
+
 PARAMS_FILE = "params.yaml"
 
 Direction = Literal["minimize", "maximize"]
@@ -43,6 +45,9 @@ class DataConfig(_Section):
     val_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
     shard_images: PositiveInt
+    # What the density families and the VAE model: "auto" leaves it to each family's rule (binary
+    # for one channel, 8-bit for colour); `models.<name>.pixels` wins over this for one family.
+    pixels: Literal["auto", "binary", "8bit"]
 
 
 class FeaturizerConfig(_Section):
@@ -138,7 +143,11 @@ class Params(_Section):
     models: dict[str, dict[str, Any] | None]
 
     def hyperparameters(self, model: str) -> dict[str, Any]:
-        return dict(self.models.get(model) or {})
+        """`models.<model>`, with `data.pixels` for a family that models pixels and does not set its own."""
+        own = dict(self.models.get(model) or {})
+        if self.data.pixels != "auto" and "pixels" in family_hyperparameters(model):
+            return {"pixels": self.data.pixels, **own}
+        return own
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, as logged, hashed and recorded with every run and version."""

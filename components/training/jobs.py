@@ -57,7 +57,11 @@ def check_models_fit(params: Params, models: list[str], image_shape: tuple[int, 
         try:
             train_job(params, model, image_shape)
         except ValueError as err:
-            misfits.append(f"{model}: {err}")
+            shared = "pixels" in params.hyperparameters(model) and "pixels" not in (
+                params.models.get(model) or {}
+            )
+            source = f" (pixels from params.yaml data.pixels: {params.data.pixels})" if shared else ""
+            misfits.append(f"{model}: {err}{source}")
     if misfits:
         shape = "x".join(map(str, image_shape))
         raise ModelsDoNotFit(

@@ -120,3 +120,16 @@ def test_a_change_to_a_module_outside_every_familys_closure_retrains_nothing(tra
     # The families whose other inputs are current (the others have not seen the last changes yet).
     output = genpipe_run(trained, ray_instance, ("vae", "wgan"))
     assert retrained_because(trained, before) == {}, output
+
+
+def test_the_prepare_stage_reads_only_its_data_keys_so_data_pixels_prepares_nothing_again(
+    tmp_path, project_factory
+):
+    """`data.pixels` decides what some models are, not what the prepared data is."""
+    from components.data.versioning import run_dvc
+
+    project = project_factory(tmp_path / "project")
+    set_params(project, data={"pixels": "8bit"})
+    assert json.loads(run_dvc(project, "status", "--json")) == {}
+    set_params(project, data={"shard_images": 1000})
+    assert "prepare" in json.loads(run_dvc(project, "status", "--json"))

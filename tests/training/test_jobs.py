@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import load_params
+from components.config import ConfigError, load_params
 from components.models import list_models
 from components.training.jobs import ModelsDoNotFit, check_models_fit, train_job
 
@@ -42,3 +42,38 @@ def test_a_job_is_made_without_building_the_model_in_memory():
     # FVSBN at 3x64x64 has about 12,288^2 x 3 weights (1.8 GB as float32): on the meta device, none exist.
     job = train_job(load_params(PARAMS), "fvsbn", (3, 64, 64))
     assert job.spec.image_shape == (3, 64, 64) and job.spec.name == "fvsbn"
+
+
+def test_data_pixels_sets_the_form_of_every_pixel_family_and_a_familys_own_setting_wins():
+    params = load_params(PARAMS, {"data": {"pixels": "8bit"}, "models": {"nade": {"pixels": "binary"}}})
+    forms = {
+        model: train_job(params, model, (1, 28, 28)).spec.hparams.get("pixels") for model in list_models()
+    }
+    pixel_families = {"vae", "fvsbn", "nade", "made", "pixelcnn", "pixelrnn"}
+    assert forms == {model: None for model in list_models() if model not in pixel_families} | {
+        "vae": "8bit",
+        "fvsbn": "8bit",
+        "nade": "binary",
+        "made": "8bit",
+        "pixelcnn": "8bit",
+        "pixelrnn": "8bit",
+    }
+    auto = load_params(PARAMS)
+    assert all(
+        train_job(auto, model, (1, 28, 28)).spec.hparams.get("pixels") is None for model in list_models()
+    )
+
+
+def test_binary_data_pixels_with_colour_images_is_refused_naming_the_setting():
+    params = load_params(PARAMS, {"data": {"pixels": "binary"}})
+    with pytest.raises(ModelsDoNotFit) as raised:
+        check_models_fit(params, ["made", "dcgan"], (3, 32, 32))
+    message = str(raised.value)
+    assert message.startswith("1 of 2 model(s) cannot be built for the prepared 3x32x32 images")
+    assert "made: model 'made' with pixels='binary'" in message
+    assert "(pixels from params.yaml data.pixels: binary)" in message
+
+
+def test_an_unknown_data_pixels_value_is_refused_by_key():
+    with pytest.raises(ConfigError, match=r"data\.pixels.*'auto', 'binary' or '8bit'.*got '16bit'"):
+        load_params(PARAMS, {"data": {"pixels": "16bit"}})
