@@ -281,3 +281,23 @@ def test_a_step_that_failed_then_succeeded_leaves_a_finished_run_that_remembers_
     assert finished.info.status == "FINISHED"
     assert "error" not in finished.data.tags
     assert finished.data.tags["recovered_error"] == "OSError: artifact store timed out"
+
+
+def test_a_champion_promoted_on_another_metric_is_judged_on_the_candidates_from_its_record(client, model_dir):
+    """A champion promoted on nats per image, before 8-bit models were judged in bits/dim, meets a
+    candidate whose gate is bits/dim: its recorded bits/dim decide, with no re-evaluation."""
+
+    def scored(primary: str, nats: float, bits: float) -> Evaluation:
+        figures = {"nll_bound": nats, "bits_per_dim_bound": bits, "fid": 10.0}
+        metrics = {f"{split}_{name}": value for split in ("val", "test") for name, value in figures.items()}
+        return Evaluation(metrics, primary, EXTRACTOR, settings=SETTINGS)
+
+    judge(client, model_dir, scored("nll_bound", 4000.0, 2.0))
+    # Made-up figures that disagree: worse in nats, better in bits/dim, so only the gate's metric decides.
+    candidate, decision = judge(
+        client, model_dir, scored("bits_per_dim_bound", 4100.0, 1.9), rule(metric="bits_per_dim_bound")
+    )
+    assert decision.promoted and champion(client) == "2"
+    tags = client.get_model_version(NAME, candidate.version).tags
+    assert tags["promotion.metric"] == "val_bits_per_dim_bound"
+    assert float(tags["promotion.champion_value"]) == 2.0
