@@ -147,7 +147,7 @@ def upsampled(data: PreparedData, size: int) -> PreparedData:
     The 1x28x28 binarised case of the literature (binarized MNIST) at the cost of the digits.
     """
     rng = np.random.default_rng(0)
-    splits = {}
+    splits, levels = {}, set()
     for name in SPLITS:
         split = data.split(name)
         images = torch.nn.functional.interpolate(
@@ -156,12 +156,14 @@ def upsampled(data: PreparedData, size: int) -> PreparedData:
         images = images.clamp(0, 1).numpy()
         binary = (rng.random(images.shape, dtype=np.float32) < images).astype(np.uint8)
         splits[name] = Split(images, binary, split.labels)
+        levels.update(np.unique(np.rint(images * 255)).tolist())
     shape = (data.image_shape[0], size, size)
     return PreparedData(
         **splits,
         name=f"{data.name} upsampled to {size}x{size}",
         image_shape=shape,
         num_classes=data.num_classes,
+        levels=len(levels),
     )
 
 

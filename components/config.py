@@ -45,9 +45,15 @@ class DataConfig(_Section):
     val_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
     shard_images: PositiveInt
-    # What the density families and the VAE model: "auto" leaves it to each family's rule (binary
-    # for one channel, 8-bit for colour); `models.<name>.pixels` wins over this for one family.
+    # What the density families and the VAE model: "auto" follows the prepared data (`auto_pixels`);
+    # `models.<name>.pixels` wins over this for one family.
     pixels: Literal["auto", "binary", "8bit"]
+
+
+def auto_pixels(image_shape: tuple[int, ...], levels: int) -> str:
+    """The pixel form `data.pixels: auto` picks for images of `image_shape` with `levels` distinct values:
+    binary for two-level single-channel images, 8-bit otherwise (binary modelling is single-channel)."""
+    return "binary" if image_shape[0] == 1 and levels <= 2 else "8bit"
 
 
 class FeaturizerConfig(_Section):
@@ -142,11 +148,14 @@ class Params(_Section):
     # Per-family hyper-parameters: each family's constructor is their schema (`create_model` checks them).
     models: dict[str, dict[str, Any] | None]
 
-    def hyperparameters(self, model: str) -> dict[str, Any]:
-        """`models.<model>`, with `data.pixels` for a family that models pixels and does not set its own."""
+    def hyperparameters(self, model: str, data_pixels: str | None = None) -> dict[str, Any]:
+        """`models.<model>`, with the pixel form of `data.pixels` for a family that models pixels and does
+        not set its own; with `data.pixels: auto`, `data_pixels` is that form (`auto_pixels` of the
+        data), and none is added without it."""
         own = dict(self.models.get(model) or {})
-        if self.data.pixels != "auto" and "pixels" in family_hyperparameters(model):
-            return {"pixels": self.data.pixels, **own}
+        pixels = data_pixels if self.data.pixels == "auto" else self.data.pixels
+        if pixels is not None and "pixels" in family_hyperparameters(model):
+            return {"pixels": pixels, **own}
         return own
 
     def as_dict(self) -> dict[str, Any]:

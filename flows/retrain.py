@@ -152,7 +152,8 @@ def plan(models: list[str], inputs: Inputs, force: bool, resume: bool) -> list[P
     """Decide, per model, whether its inputs changed since its last registered version; first check
     that every model can be built for the data, so a misfit stops the run before anything trains."""
     logger = get_run_logger()
-    check_models_fit(inputs.params, models, inputs.data().image_shape)
+    data = inputs.data()
+    check_models_fit(inputs.params, models, data.image_shape, data.levels)
     client = client_for(inputs.tracking_uri)
     plans = []
     for model in models:
@@ -191,7 +192,7 @@ def train(planned: Plan, inputs: Inputs) -> Trained:
     model = planned.model
     feed.stage(model, "training")
     data = inputs.data()
-    job = train_job(inputs.params, model, data.image_shape)
+    job = train_job(inputs.params, model, data.image_shape, data.levels)
     client = client_for(inputs.tracking_uri)
     commit, dirty = git_revision(Path(inputs.project_dir))
     run = RunLogger.start(

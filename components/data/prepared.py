@@ -92,6 +92,7 @@ class PreparedData:
     name: str
     image_shape: tuple[int, int, int]
     num_classes: int
+    levels: int  # distinct pixel values (0..255) in the whole dataset
 
     def split(self, name: str) -> Split:
         return getattr(self, name)
@@ -145,6 +146,8 @@ def prepare(
         "image_shape": list(raw.images.shape[1:]),
         "num_classes": int(raw.labels.max()) + 1 if raw.labels is not None else 0,
         "counts": counts,
+        # Distinct pixel values: `data.pixels: auto` models two-level grey images as binary.
+        "levels": int(np.count_nonzero(np.bincount(raw.images.ravel(), minlength=256))),
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
@@ -168,9 +171,17 @@ def load_prepared(prepared_dir: str | Path) -> PreparedData:
     missing = [split for split in SPLITS if split not in shards]
     if missing:
         raise DataError(f"{prepared_dir}/index.json: split(s) {', '.join(missing)} missing")
+    if "levels" not in meta:
+        raise DataError(
+            f"{meta_path}: written by an older genpipe; run the `prepare` stage (`dvc repro`) again"
+        )
     splits = {split: Split(shards[split]) for split in SPLITS}
     return PreparedData(
-        **splits, name=meta["name"], image_shape=tuple(meta["image_shape"]), num_classes=meta["num_classes"]
+        **splits,
+        name=meta["name"],
+        image_shape=tuple(meta["image_shape"]),
+        num_classes=meta["num_classes"],
+        levels=meta["levels"],
     )
 
 

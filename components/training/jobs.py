@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.config import Params
+from components.config import Params, auto_pixels
 from components.data.prepared import PreparedData
 from components.data.shards import ShardedSplit
 from components.models import create_model
@@ -25,8 +25,9 @@ class ModelsDoNotFit(ValueError):
     """Some models cannot be built for the data and the params; nothing was trained."""
 
 
-def train_job(params: Params, model_name: str, image_shape: tuple[int, int, int]) -> TrainJob:
-    """The job for `model_name` from params (hyper-parameters under `models.<name>`).
+def train_job(params: Params, model_name: str, image_shape: tuple[int, int, int], levels: int) -> TrainJob:
+    """The job for `model_name` from params (hyper-parameters under `models.<name>`) for images of
+    `image_shape` with `levels` distinct pixel values (which `data.pixels: auto` follows).
 
     The model is built on PyTorch's meta device (no memory, no arithmetic: FVSBN at 3x64x64 has
     4.5 x 10^8 weights), which checks its name, hyper-parameters and the image shape; a ValueError says
@@ -34,7 +35,8 @@ def train_job(params: Params, model_name: str, image_shape: tuple[int, int, int]
     """
     train = params.train.for_model(model_name)
     with torch.device("meta"):
-        spec = create_model(model_name, image_shape, **params.hyperparameters(model_name)).spec
+        hparams = params.hyperparameters(model_name, auto_pixels(image_shape, levels))
+        spec = create_model(model_name, image_shape, **hparams).spec
     return TrainJob(
         model=spec.to_dict(),
         epochs=train.epochs,
@@ -48,14 +50,16 @@ def train_job(params: Params, model_name: str, image_shape: tuple[int, int, int]
     )
 
 
-def check_models_fit(params: Params, models: list[str], image_shape: tuple[int, int, int]) -> None:
+def check_models_fit(
+    params: Params, models: list[str], image_shape: tuple[int, int, int], levels: int
+) -> None:
     """Raise `ModelsDoNotFit` naming every model of `models` whose job cannot be made for images of
-    `image_shape` (a setting the data cannot take, an image below the family's minimum, an unknown
-    family or hyper-parameter), so that a run stops before any model trains."""
+    `image_shape` and `levels` (a setting the data cannot take, an image below the family's minimum,
+    an unknown family or hyper-parameter), so that a run stops before any model trains."""
     misfits = []
     for model in models:
         try:
-            train_job(params, model, image_shape)
+            train_job(params, model, image_shape, levels)
         except ValueError as err:
             shared = "pixels" in params.hyperparameters(model) and "pixels" not in (
                 params.models.get(model) or {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from components.data.prepared import load_prepared, prepare, split_indices
-from components.data.raw import DataError, read_raw
+from components.data.raw import DataError, RawDataset, read_raw, write_raw
 from components.data.shards import INDEX_FILE
 
 
@@ -47,6 +47,23 @@ def test_prepare_writes_the_same_bytes_twice_and_drops_stale_shards(digits_root,
     assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
     index = json.loads((tmp_path / "a" / INDEX_FILE).read_text())
     assert sum(s["count"] for s in index["splits"]["train"]["shards"]) == index["splits"]["train"]["count"]
+
+
+def test_prepare_records_the_datas_distinct_pixel_values(digits_root, tmp_path):
+    assert load_prepared(digits_root / "prepared").levels == 17  # the digits' grey levels 0..16, scaled
+    black_and_white = np.random.default_rng(0).choice(np.array([0, 255], np.uint8), size=(20, 1, 4, 4))
+    write_raw(RawDataset(black_and_white, None, "bw", "test"), tmp_path / "raw")
+    assert prepare(tmp_path / "raw", tmp_path / "prepared", 0.1, 0.2, 0)["levels"] == 2
+    assert load_prepared(tmp_path / "prepared").levels == 2
+
+
+def test_prepared_data_of_an_older_genpipe_asks_for_the_stage_to_run_again(digits_root, tmp_path):
+    prepare(digits_root / "raw", tmp_path / "p", 0.1, 0.2, 0)
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    del meta["levels"]
+    (tmp_path / "p" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"p/meta.json: written by an older genpipe; run the `prepare` stage"):
+        load_prepared(tmp_path / "p")
 
 
 def test_binarised_copy_does_not_depend_on_the_shard_size(digits_root, tmp_path):

@@ -173,7 +173,7 @@ def test_diverging_model_stops_at_the_first_bad_epoch_without_retrying(digits, r
         "models": {"vae": TINY_VAE},
     }
     params = load_params(PROJECT_ROOT / "params.yaml", overrides)
-    job = train_job(params, "vae", digits.image_shape)
+    job = train_job(params, "vae", digits.image_shape, digits.levels)
     steps_per_epoch = -(-len(digits.train) // 128)
     with pytest.raises(
         TrainingDiverged, match=rf"model 'vae' diverged: .*non-finite at epoch 1 \(step {steps_per_epoch}\)"

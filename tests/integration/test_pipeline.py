@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import set_params
 from mlflow.tracking import MlflowClient
 from scored import assert_scored
 
@@ -52,8 +53,10 @@ FAMILIES = ["vae", "fvsbn"]
 
 @pytest.fixture(scope="module")
 def trained_project(tmp_path_factory, ray_instance, prefect_server, project_factory):
-    """One project of the built-in digits in which `FAMILIES` have been through the flow once."""
+    """One project of the built-in digits, binarised (`data.pixels: binary`; `auto` would model their
+    17 grey levels as 8-bit), in which `FAMILIES` have been through the flow once."""
     project = project_factory(tmp_path_factory.mktemp("pipeline") / "project")
+    set_params(project, data={"pixels": "binary"})
     state = run_flow(project, FAMILIES)
     assert state.is_completed(), state.message
     return project

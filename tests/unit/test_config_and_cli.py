@@ -102,7 +102,7 @@ def test_a_value_given_for_one_run_wins_over_the_familys_own_setting():
     file_only = load_params(ROOT / "params.yaml")
     assert file_only.train.per_model["gan"]["epochs"] > 1, "the file gives gan its own epochs"
     params = load_params(ROOT / "params.yaml", {"train": {"epochs": 1}})
-    assert train_job(params, "gan", (1, 8, 8)).epochs == 1
+    assert train_job(params, "gan", (1, 8, 8), levels=17).epochs == 1
     assert params.train.for_model("fvsbn").lr == file_only.train.per_model["fvsbn"]["lr"]
     # A per-family value given for the run itself still applies to that family only.
     params = load_params(ROOT / "params.yaml", {"train": {"epochs": 1, "per_model": {"gan": {"epochs": 2}}}})
