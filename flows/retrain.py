@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components.config import Params, load_params
+from components.config import Params, auto_pixels, load_params
 from components.data.prepared import PreparedData, load_prepared_version
 from components.data.versioning import data_at_revision, data_version, ensure_data, git_revision, reproduce
 from components.evaluation.evaluate import Evaluation
@@ -130,7 +130,9 @@ def _evaluate(model: GenerativeModel, inputs: Inputs, shown_as: str) -> Evaluati
 def _model_inputs(inputs: Inputs, model: str) -> dict[str, Any]:
     """What decides `model` in this run, as fingerprinted and recorded on its version."""
     extractor_id = ExtractorSource.from_params(inputs.params, inputs.project_dir).id()
-    return model_inputs(inputs.params, model, inputs.data_version, extractor_id)
+    data = inputs.data()
+    data_pixels = auto_pixels(data.image_shape, data.levels)
+    return model_inputs(inputs.params, model, inputs.data_version, extractor_id, data_pixels)
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE)

@@ -140,16 +140,23 @@ def code_version(model: str, root: Path = CODE_ROOT) -> str:
 
 
 def model_inputs(
-    params: Params, model: str, data_version: str, extractor_id: str, root: Path = CODE_ROOT
+    params: Params,
+    model: str,
+    data_version: str,
+    extractor_id: str,
+    data_pixels: str | None = None,
+    root: Path = CODE_ROOT,
 ) -> dict[str, Any]:
-    """The inputs that decide `model`, as recorded (tag `inputs`) and fingerprinted."""
+    """The inputs that decide `model`, as recorded (tag `inputs`) and fingerprinted. `data_pixels` is
+    the pixel form `data.pixels: auto` takes for the data: recorded as the form, `auto` and that form
+    set by name are the same model."""
     train = params.train.for_model(model).model_dump(mode="json", exclude=set(RUN_CONTROL_KEYS))
     evaluate = params.evaluate.model_dump(mode="json", exclude=set(EXTRACTOR_KEYS))
     return {
         "prepared_data": data_version,
         "feature_extractor": extractor_id,
         "params": {
-            "models": {model: params.hyperparameters(model)},
+            "models": {model: params.hyperparameters(model, data_pixels)},
             "train": train,
             "evaluate": evaluate,
             "seed": params.seed,

@@ -37,6 +37,19 @@ def inputs(params: Params, root: Path, model: str, data: str = "prepared-1", ext
     return model_inputs(params, model, data, extractor, root=root)
 
 
+@pytest.mark.parametrize("family", ["nade", "vae"])
+def test_auto_pixels_and_the_same_form_set_by_name_are_one_model_and_another_form_is_not(family):
+    auto, named, other = (
+        load_params(CODE_ROOT / "params.yaml", {"data": {"pixels": pixels}})
+        for pixels in ("auto", "8bit", "binary")
+    )
+
+    def fingerprint(params: Params) -> str:  # on data for which auto picks 8-bit
+        return inputs_fingerprint(model_inputs(params, family, "prepared-1", "featurizer-1", "8bit"))
+
+    assert fingerprint(auto) == fingerprint(named) != fingerprint(other)
+
+
 def append_comment(root: Path, module: str) -> None:
     path = root / module
     path.write_text(path.read_text() + "# a comment changes the source\n")
