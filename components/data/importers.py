@@ -338,7 +338,8 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
 
 
 def _to_uint8(x: np.ndarray, path: Path) -> tuple[np.ndarray, str]:
-    """uint8 pixels from integers 0..255, floats in [0, 1] (scaled by 255) or floats in [0, 255]."""
+    """uint8 pixels from booleans or integers 0/1 (binary images, mapped to 0/255), integers 0..255,
+    floats in [0, 1] (scaled by 255) or floats in [0, 255]."""
     if x.size == 0:
         raise DataError(f"{path}: x is empty")
     if x.dtype == np.bool_:
@@ -347,6 +348,8 @@ def _to_uint8(x: np.ndarray, path: Path) -> tuple[np.ndarray, str]:
         low, high = x.min(), x.max()
         if low < 0 or high > 255:
             raise DataError(f"{path}: x has values {low}..{high}; expected integers in 0..255")
+        if high <= 1:  # kept, binarised MNIST saved as 0/1 would be near-black 8-bit images
+            return x.astype(np.uint8) * np.uint8(255), "integers 0/1 taken as binary images, mapped to 0/255"
         return x.astype(np.uint8), "integers kept"
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(

@@ -209,6 +209,23 @@ def test_format_is_detected_and_every_variant_reads_the_same_arrays(kind, refere
     assert_same_dataset(explicit, reference)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "note"),
+    [
+        (np.uint8, "integers 0/1 taken as binary images, mapped to 0/255"),
+        (np.int64, "integers 0/1 taken as binary images, mapped to 0/255"),
+        (np.bool_, "booleans mapped to 0/255"),
+        (np.float32, "floats in [0, 1] scaled by 255"),
+    ],
+)
+def test_binary_images_read_as_black_and_white_whatever_their_type(dtype, note, tmp_path):
+    ones = np.random.default_rng(0).integers(0, 2, (N, SIZE, SIZE))
+    np.savez(tmp_path / "binary.npz", x=ones.astype(dtype))
+    dataset = read_dataset(tmp_path / "binary.npz")
+    np.testing.assert_array_equal(dataset.images[:, 0], ones * 255)
+    assert note in dataset.source
+
+
 def test_idx_detected_by_magic_number_without_the_usual_name(reference, tmp_path):
     plain = tmp_path / "pixels.bin"
     plain.write_bytes(idx_bytes(reference.images[:, 0]))
