@@ -130,12 +130,14 @@ def prepare(
     # whole split, so the binarised copy does not depend on the shard size.
     rng = np.random.default_rng(seed + 1)
     counts, index = {}, {}
+    seen_values = np.zeros(256, dtype=bool)  # counted a shard at a time: bincount widens uint8 eightfold
     for split, order in split_indices(len(raw.images), val_fraction, test_fraction, seed).items():
         order = np.sort(order)
         writer = SplitWriter(out_dir, split)
         for start in range(0, len(order), shard_images):
             rows = order[start : start + shard_images]
             pixels = raw.images[rows]
+            seen_values |= np.bincount(pixels.ravel(), minlength=256) > 0
             binary = (rng.random(pixels.shape, dtype=np.float32) < unit_float(pixels)).astype(np.uint8)
             writer.write(pixels, binary, raw.labels[rows] if raw.labels is not None else None)
         counts[split], index[split] = len(order), writer.index_entry()
@@ -147,7 +149,7 @@ def prepare(
         "num_classes": int(raw.labels.max()) + 1 if raw.labels is not None else 0,
         "counts": counts,
         # Distinct pixel values: `data.pixels: auto` models two-level grey images as binary.
-        "levels": int(np.count_nonzero(np.bincount(raw.images.ravel(), minlength=256))),
+        "levels": int(seen_values.sum()),
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
