@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inception_v3 import POOL_FEATURES, InceptionV3
 from torch import Tensor, nn
 
 from components.data.prepared import PreparedData
@@ -170,6 +171,24 @@ def test_inception_extractor_loads_a_torchscript_feature_network(
         atol=1 / 255,
         rtol=0,
     )
+
+
+def test_inception_extractor_takes_a_random_network_of_inception_v3s_architecture(
+    tmp_path: Path, digits_dir: Path, test_images: Tensor
+):
+    """The file a user brings, in shape: FID's Inception-v3 (299 x 299 inside, 2048 pool features, 1008
+    logits), randomly initialised and scripted by the test. The 8x8 grey digits go in as uint8 RGB."""
+    torch.manual_seed(0)
+    path = tmp_path / "inception-v3.pt"
+    torch.jit.script(InceptionV3().eval()).save(str(path))
+    extractor, extractor_id = feature_extractor("inception", digits_dir / "featurizer", path)
+    assert extractor_id.startswith("inception-") and extractor.num_features == POOL_FEATURES
+    features = extractor(test_images[:8])
+    assert features.shape == (8, POOL_FEATURES) and torch.isfinite(features).all()
+    assert features.std(dim=0).mean() > 1e-3, "the images' features do not differ"
+    same = fid_kid(test_images[:8], test_images[:8], extractor)["fid"]
+    other = fid_kid(test_images[:8], test_images[8:16], extractor)["fid"]
+    assert abs(same) < 1e-3 < other
 
 
 def test_inception_extractor_says_which_file_is_missing_and_how_to_provide_it(tmp_path: Path):
