@@ -17,7 +17,10 @@ it had already trained on, so it ends with the planned step count.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import posixpath
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -41,8 +45,11 @@ from components.training.trainer import (
     TrainProgress,
     WorkerContext,
     read_outcome,
+    restorable,
     run_training,
 )
+
+logger = logging.getLogger(__name__)
 
 # Ray Train V2's controller collects at most one report per worker per poll, one poll every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and `ray.train.report` blocks while the worker's
@@ -86,12 +93,15 @@ class Scaling:
 class RayContext:
     """`WorkerContext` backed by Ray Train's session of the current worker."""
 
-    def __init__(self, progress_poster: ProgressPoster | None = None) -> None:
+    def __init__(
+        self, progress_poster: ProgressPoster | None = None, recovered_checkpoint: Checkpoint | None = None
+    ) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
         self.progress_poster = progress_poster
+        self.recovered_checkpoint = recovered_checkpoint  # for a run whose Ray record was unreadable
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
@@ -103,6 +113,8 @@ class RayContext:
 
     def restored_checkpoint(self) -> AbstractContextManager[Path | None]:
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            checkpoint = self.recovered_checkpoint
         if checkpoint is None:
             return nullcontext(None)
         return _as_path(checkpoint)
@@ -182,7 +194,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    job, ctx = TrainJob(**config["job"]), RayContext(config.get("progress_poster"))
+    job = TrainJob(**config["job"])
+    ctx = RayContext(config.get("progress_poster"), config.get("recovered_checkpoint"))
     stream = config.get("stream")
     if stream is None:
         train = ray.get(config["train"])
@@ -190,6 +203,53 @@ def _worker_entry(config: dict[str, Any]) -> None:
         train = streamed_batches(ray.train.get_dataset_shard(STREAMED_DATASET), job, stream, ctx)
     val = config["val"]
     run_training(job, train, val if isinstance(val, ShardedSplit) else ray.get(val), ctx)
+
+
+# Ray Train's record of a run's registered checkpoints, in the run's folder of the storage.
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def recover_cut_short_snapshot(run_uri: str) -> Checkpoint | None:
+    """Ray Train rewrites a run's snapshot in place, so a run killed while writing it leaves it empty or
+    cut short, and Ray then refuses to start that run again ("CheckpointManagerInitializationError").
+    Such a snapshot is moved aside (`.unreadable`), and the run's newest whole checkpoint is returned for
+    the workers to continue from: None when the snapshot reads, or no checkpoint is whole."""
+    fs, run_path = pyarrow.fs.FileSystem.from_uri(run_uri)
+    snapshot = posixpath.join(run_path, RUN_SNAPSHOT)
+    if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(snapshot) as stream:
+        try:
+            json.loads(stream.read())
+            return None
+        except ValueError:
+            pass
+    fs.move(snapshot, f"{snapshot}.unreadable")
+    folders = fs.get_file_info(pyarrow.fs.FileSelector(run_path))
+    # Ray names checkpoint folders by their UTC time, so the names sort oldest to newest.
+    checkpoints = sorted(
+        (
+            f.path
+            for f in folders
+            if f.type == pyarrow.fs.FileType.Directory and f.base_name.startswith("checkpoint_")
+        ),
+        reverse=True,
+    )
+    for path in checkpoints:
+        checkpoint = Checkpoint(path, filesystem=fs)
+        with checkpoint.as_directory() as directory:
+            if restorable(Path(directory)):
+                logger.warning(
+                    "%s was unreadable (cut short by a kill while Ray wrote it) and is moved aside: "
+                    "continuing from %s, the newest whole checkpoint",
+                    snapshot,
+                    path,
+                )
+                return checkpoint
+    logger.warning(
+        "%s was unreadable and is moved aside; no whole checkpoint is left: starting over", snapshot
+    )
+    return None
 
 
 def train_on_ray(
@@ -216,6 +276,7 @@ def train_on_ray(
     config: dict[str, Any] = {
         "job": asdict(job),
         "val": x_val if isinstance(x_val, ShardedSplit) else ray.put(x_val),
+        "recovered_checkpoint": recover_cut_short_snapshot(posixpath.join(storage, run_name)),
     }
     if isinstance(x_train, ShardedSplit):
         scaling.check_room_for_reads()

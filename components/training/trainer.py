@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from components.data.prepared import Split
 from components.data.shards import ShardedSplit
 from components.models import GenerativeModel, ModelSpec, create_model
-from components.models.model_dir import load_weights, save_model_dir
+from components.models.model_dir import load_model_dir, load_weights, save_model_dir
 from components.training.batches import BatchSource, DeviceBatches
 
 STATE_FILE = "trainer_state.pt"
@@ -397,6 +397,19 @@ def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[in
     record = json.loads((directory / HISTORY_FILE).read_text())
     history = {"history": record["history"], "resumed_from_step": 0}
     return state["step"], state["epoch"], history, _read_progress(directory)
+
+
+def restorable(directory: Path) -> bool:
+    """Whether `directory` holds a whole checkpoint of `run_training`'s, every file readable as
+    `_restore` reads it: a copy into storage cut short by a kill is not."""
+    try:
+        load_model_dir(directory)
+        torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        json.loads((directory / HISTORY_FILE).read_text())
+        _read_progress(directory)
+    except Exception:  # a cut-short file fails in whichever reader meets it first, each its own way
+        return False
+    return True
 
 
 def _read_progress(directory: Path) -> dict[int, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from conftest import cpu_job
 
 from components.models import create_model
 from components.models.model_dir import load_model_dir
-from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training
+from components.training.trainer import LocalContext, TrainJob, read_outcome, restorable, run_training
 
 
 def vae_job(digits, epochs: int) -> TrainJob:
@@ -62,6 +63,18 @@ def test_corrupt_weights_are_refused(digits, tmp_path):
     (tmp_path / "m" / "weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="weights.safetensors: cannot load weights"):
         load_model_dir(tmp_path / "m")
+
+
+def test_a_checkpoint_with_any_file_cut_short_is_not_restorable(digits, tmp_path):
+    train(digits, vae_job(digits, 1), tmp_path / "whole")
+    assert restorable(tmp_path / "whole")
+    files = sorted(path.name for path in (tmp_path / "whole").iterdir())
+    assert len(files) == 5  # weights, spec, trainer state, history, progress grids
+    for name in files:
+        cut = tmp_path / f"cut-{name}"
+        shutil.copytree(tmp_path / "whole", cut)
+        (cut / name).write_bytes((cut / name).read_bytes()[: (cut / name).stat().st_size // 2])
+        assert not restorable(cut), f"{name} cut in half still reads as whole"
 
 
 def test_progress_is_paced_and_ends_at_the_planned_step(digits, tmp_path, monkeypatch):
