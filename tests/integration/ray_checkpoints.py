@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import time
 from pathlib import Path
 
-from components.training.trainer import LocalContext
+import psutil
+
+from components.training.ray_train import RUN_SNAPSHOT
+from components.training.trainer import STATE_FILE, LocalContext
 
 
 def registered_step(run_dir: Path) -> int:
@@ -16,11 +21,32 @@ def registered_step(run_dir: Path) -> int:
     registered only at the controller's next poll of the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S).
     """
     with contextlib.suppress(OSError, ValueError):
-        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())[
-            "latest_checkpoint_result"
-        ]
+        latest = json.loads((run_dir / RUN_SNAPSHOT).read_text())["latest_checkpoint_result"]
         return latest["metrics"]["step"] if latest else 0
     return 0
+
+
+def cut_short_as_by_a_kill(run_dir: Path, ray_root: psutil.Process) -> Path:
+    """Leave `run_dir` as a kill can: Ray Train's record of the run empty (the kill came while Ray
+    rewrote it in place) and a checkpoint newer than any registered one whose copy was cut short. Waits
+    until no Ray Train controller is left below `ray_root`, so that none rewrites the record after.
+    Returns the cut-short checkpoint."""
+    deadline = time.monotonic() + 60
+    while any(_is_train_controller(p) for p in ray_root.children(recursive=True)):
+        assert time.monotonic() < deadline, "the dead run's Ray Train controller lives on"
+        time.sleep(0.2)
+    torn = run_dir / "checkpoint_9999-12-31_23-59-59.999999"  # Ray names them by time: newer than all
+    shutil.copytree(max(run_dir.glob("checkpoint_2*")), torn)
+    state = torn / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    (run_dir / RUN_SNAPSHOT).write_text("")
+    return torn
+
+
+def _is_train_controller(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(process.cmdline()).startswith("ray::TrainController")
+    return False
 
 
 class SimulatedCrash(Exception):

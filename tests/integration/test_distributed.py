@@ -6,8 +6,6 @@ two-node cluster, in test_stack.py.
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,9 +22,8 @@ from components.config import load_params
 from components.models import create_model
 from components.training.batches import DeviceBatches
 from components.training.jobs import TrainingDiverged, train_job, train_model
-from components.training.ray_train import RUN_SNAPSHOT, RayContext, Scaling, train_on_ray
+from components.training.ray_train import RayContext, Scaling
 from components.training.trainer import (
-    STATE_FILE,
     LocalContext,
     WorkerContext,
     _distribute,
@@ -185,44 +182,3 @@ def test_diverging_model_stops_at_the_first_bad_epoch_without_retrying(digits, r
     outcome = read_outcome(tmp_path / "outputs" / "diverging")
     assert outcome.steps == steps_per_epoch and len(outcome.history) == 1
     assert outcome.diverged and "negative_elbo" in outcome.diverged
-
-
-# --- 3. A run killed while Ray Train rewrote its record --------------------------------------------
-
-
-def test_a_run_whose_ray_record_was_cut_short_continues_from_its_newest_whole_checkpoint(
-    digits, ray_instance, tmp_path
-):
-    """Ray Train rewrites its run snapshot in place: a kill during the write leaves it empty, and Ray
-    would refuse to start that run again, whatever it is asked. The run continues from its newest
-    checkpoint that reads whole; a newer one whose copy was cut short by the same kill is passed over."""
-    steps_per_epoch = -(-len(digits.train) // 128)
-    job = replace(
-        digits_job(digits.image_shape, checkpoint_every_steps=steps_per_epoch), batch_size=128, epochs=2
-    )
-    storage, run_dir = tmp_path / "ray", tmp_path / "ray" / "cut-short"
-
-    def train(job):
-        return train_on_ray(
-            job,
-            digits.train.images,
-            digits.val.binary.astype(np.float32),
-            scaling=Scaling(workers=1, gpus_per_worker=0),
-            storage_path=storage,
-            run_name="cut-short",
-            output_dir=tmp_path / "model",
-        )
-
-    first = train(job)
-    torn = run_dir / "checkpoint_9999-12-31_23-59-59.999999"  # newer than any checkpoint Ray wrote
-    shutil.copytree(max(run_dir.glob("checkpoint_2*")), torn)
-    state = torn / STATE_FILE
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    (run_dir / RUN_SNAPSHOT).write_text("")
-
-    resumed = train(replace(job, epochs=3))
-    assert resumed.resumed_from_step == first.steps == 2 * steps_per_epoch
-    assert resumed.steps == 3 * steps_per_epoch
-    assert resumed.history[:2] == first.history and len(resumed.history) == 3
-    assert (run_dir / f"{RUN_SNAPSHOT}.unreadable").read_text() == ""
-    assert json.loads((run_dir / RUN_SNAPSHOT).read_text())["latest_checkpoint_result"]  # Ray's own again

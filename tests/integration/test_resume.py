@@ -2,7 +2,9 @@
 starts its own temporary server on the database in PREFECT_HOME) and against a shared
 `prefect server start`: the pipeline and all its children are killed mid-training; `--resume` takes
 the project over at once, continues from the last Ray checkpoint, registers exactly one version and
-ends the dead run's MLflow runs and flow run, from the run journal; a plain run after it works too."""
+ends the dead run's MLflow runs and flow run, from the run journal; a plain run after it works too.
+In the second case the kill also left Ray Train's record of the run empty and a newer checkpoint cut
+short, as a kill during their writes does: the resumed run continues from the newest whole one."""
 
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from conftest import set_params
 from mlflow.tracking import MlflowClient
-from ray_checkpoints import registered_step
+from ray_checkpoints import cut_short_as_by_a_kill, registered_step
 
 from components.registry.store import resolve_tracking_uri
+from components.training.ray_train import RUN_SNAPSHOT
 from flows.journal import ABANDONED_TAG, JOURNAL_FILE
 from flows.registry_turn import limit_name
 
@@ -74,15 +78,20 @@ class SharedServer:
             return client.read_flow_run(flow_run_id).state.type.value
 
 
-@pytest.fixture(params=["temporary servers", "shared server"])
+@pytest.fixture
 def prefect_setup(request, tmp_path):
     if request.param == "temporary servers":
         return TemporaryServers(tmp_path)
     return SharedServer(request.getfixturevalue("prefect_server"))
 
 
+@pytest.mark.parametrize(
+    ("prefect_setup", "ray_record"),
+    [("temporary servers", "intact"), ("shared server", "cut short")],
+    indirect=["prefect_setup"],
+)
 def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
-    prefect_setup, tmp_path, ray_instance, project_factory
+    prefect_setup, ray_record, tmp_path, ray_instance, project_factory
 ):
     project = project_factory(tmp_path / "project")
     set_params(project, train={"checkpoint_every_steps": 5, "epochs": EPOCHS}, evaluate={"num_samples": 100})
@@ -98,12 +107,15 @@ def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
     driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 480
     # Ray resumes only from checkpoints its controller has registered, not from any directory written.
-    while not any(registered_step(run) for run in (project / "ray_results").glob("*")):
+    while not (registered := [r for r in (project / "ray_results").glob("*") if registered_step(r)]):
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint was written in time"
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)  # the pipeline, its temporary Prefect server, all its children
     driver.wait()
+    (ray_run,) = registered
+    if ray_record == "cut short":
+        cut_short_as_by_a_kill(ray_run, psutil.Process())  # the test's Ray instance runs below this process
     dead = json.loads((project / JOURNAL_FILE).read_text())
     assert dead["holder"]["pid"] == driver.pid and dead["registry_lease"]
     assert list(dead["ray_runs"]) and prefect_setup.active_slots(registry_limit) == 1
@@ -115,6 +127,7 @@ def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
     (version,) = client.search_model_versions("name = 'digits.nade'")
     run = client.get_run(version.run_id)
     assert int(run.data.tags["resumed_from_step"]) > 0
+    assert (ray_run / f"{RUN_SNAPSHOT}.unreadable").exists() == (ray_record == "cut short")
     assert len(client.get_metric_history(version.run_id, "train/model_loss")) == EPOCHS
 
     # The dead run's MLflow runs and flow run were ended by the resumed one, not left running for good.
