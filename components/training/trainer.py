@@ -347,8 +347,12 @@ def _distribute(model: GenerativeModel, ctx: WorkerContext) -> nn.Module:
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # Multi-phase families leave the other networks unused in each phase (the generator in the
     # discriminator phase), so DDP must look for unused parameters; single-phase ones skip the cost.
+    # No buffer is broadcast from rank 0 before each forward (DDP's default): the autoregressive
+    # families' masks never change and are up to hundreds of MB (bench/RESULTS-ddp-buffers.md), and
+    # the buffers that do change (BatchNorm's running statistics, read only in eval mode) are rank 0's
+    # own either way, which is the rank that checkpoints.
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, find_unused_parameters=len(model.phases) > 1
+        model, device_ids=device_ids, find_unused_parameters=len(model.phases) > 1, broadcast_buffers=False
     )
 
 
