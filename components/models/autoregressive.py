@@ -44,7 +44,8 @@ class MaskedLinear(nn.Linear):
                 f"MaskedLinear({in_features} -> {out_features}): masks must be K x {out_features} x "
                 f"{in_features}, got shape {tuple(masks.shape)}"
             )
-        self.register_buffer("masks", masks.to(self.weight.dtype))
+        # As bools: a quarter of float's memory and checkpoint (FVSBN at 3x64x64: 0.45 GB, not 1.8 GB).
+        self.register_buffer("masks", masks.bool())
 
     def masked_weight(self, mask_index: int = 0) -> Tensor:
         return self.weight * self.masks[mask_index]
@@ -108,7 +109,7 @@ class MaskedConv2d(nn.Conv2d):
             in_group = channel_groups(in_channels, image_channels)[None, :]
             visible = out_group >= in_group if mask_type == "B" else out_group > in_group
             mask[:, :, kh // 2, kw // 2] = visible.float()
-        self.register_buffer("mask", mask)
+        self.register_buffer("mask", mask.bool())
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight * self.mask, self.bias)
