@@ -139,12 +139,44 @@ class MADE(AutoregressiveImageModel):
         component = torch.randint(self.num_masks, (n,), generator=generator, device=x.device).sort().values
         bounds = [0, *torch.bincount(component, minlength=self.num_masks).cumsum(0).tolist()]
         groups = [
-            (m, slice(bounds[m], bounds[m + 1])) for m in range(self.num_masks) if bounds[m + 1] > bounds[m]
+            _SamplingState(self, m, x[bounds[m] : bounds[m + 1]], slice(bounds[m], bounds[m + 1]))
+            for m in range(self.num_masks)
+            if bounds[m + 1] > bounds[m]
         ]
-        order = self.orderings.tolist()
         pixel = self.orderings[component]
         for step in range(self.num_dims):
             params = x.new_empty(n, self.params_per_dim)
-            for m, rows in groups:
-                params[rows] = self.params(x[rows], m).flatten(1, 3)[:, order[m][step]]
+            for group in groups:
+                params[group.rows] = group.params(step)
             yield pixel[:, step], params
+            for group in groups:
+                group.drawn(x[group.rows], step)
+
+
+class _SamplingState:
+    """One mask's share of a sampling run, a step costing O(H^2 + H P) instead of a whole pass.
+
+    The weights are masked once, not at every step; the first layer's pre-activation grows by the
+    column of the sub-pixel just drawn (the others are still zero), and the output layer computes
+    only the rows of the sub-pixel to draw next.
+    """
+
+    def __init__(self, made: MADE, mask_index: int, x: Tensor, rows: slice):
+        first, *hidden, output = made.layers
+        self.rows, self.p = rows, made.params_per_dim
+        self.order = made.orderings[mask_index].tolist()
+        self.first_weight = first.masked_weight(mask_index)
+        self.pre_activation = F.linear(x, self.first_weight, first.bias)
+        self.hidden = [(layer.masked_weight(mask_index), layer.bias) for layer in hidden]
+        self.output_weight, self.output_bias = output.masked_weight(mask_index), output.bias
+
+    def params(self, step: int) -> Tensor:
+        h = F.relu(self.pre_activation)
+        for weight, bias in self.hidden:
+            h = F.relu(F.linear(h, weight, bias))
+        rows = slice(self.order[step] * self.p, (self.order[step] + 1) * self.p)
+        return F.linear(h, self.output_weight[rows], self.output_bias[rows])
+
+    def drawn(self, x: Tensor, step: int) -> None:
+        d = self.order[step]
+        self.pre_activation += x[:, d : d + 1] * self.first_weight[:, d]
