@@ -47,12 +47,13 @@ def main() -> None:
     parser.add_argument("--checkout", action="append", metavar="LABEL=DIR", help="default: this one")
     parser.add_argument("--shape", default="1x28x28", help="C x H x W, e.g. 3x32x32")
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated; default: all five")
     results_arguments(parser, RESULTS)
     args = parser.parse_args()
     checkouts = dict(item.split("=", 1) for item in args.checkout or [f"this checkout={HERE}"])
     shape = tuple(int(side) for side in args.shape.split("x"))
     rows = []
-    for family in FAMILIES:
+    for family in args.families.split(","):
         cells = [f"{seconds(Path(path), family, shape, args.samples):.1f}" for path in checkouts.values()]
         rows.append(f"| {family} | " + " | ".join(cells) + " |")
         print(rows[-1], file=sys.stderr)
