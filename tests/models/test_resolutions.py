@@ -20,10 +20,6 @@ SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]
 TINY = TINY_SAMPLE_QUALITY
 CONVOLUTIONAL_AUTOENCODERS = ("ae", "dae", "vaegan")
 LIKELIHOOD_FAMILIES = ("vae", "fvsbn", "nade", "made", "pixelcnn", "pixelrnn")
-# MADE runs its whole network once per sub-pixel when sampling: at 3x64x64 (12,288 of them) its tiny
-# colour-run form costs a minute per image; narrower, with the logistic mixture's few outputs per
-# sub-pixel instead of 256, about a second.
-NARROWER_AT_64 = {"made": {"hidden": 4, "output": "logistic"}}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,8 +53,7 @@ def test_family_steps_every_phase_and_samples_at_this_size(family: str, shape: t
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 64, 64)], ids=lambda s: "x".join(map(str, s)))
 def test_likelihood_family_steps_is_scored_and_samples_in_8bit_at_this_size(family: str, shape):
     torch.manual_seed(0)
-    hparams = {**TINY_FAMILIES[family], **(NARROWER_AT_64.get(family, {}) if shape[1] == 64 else {})}
-    model = create_model(family, shape, **hparams, pixels="8bit")
+    model = create_model(family, shape, **TINY_FAMILIES[family], pixels="8bit")
     x = torch.randint(0, 256, (2, *shape)).float() / 255
     # FVSBN at 3x64x64 has 4.5e8 weights: one Adam step peaks at 11.4 GB (9 s on 2 CPU cores), too
     # much beside the suite's other process; it is scored and sampled below.
