@@ -26,13 +26,23 @@ def registered_step(run_dir: Path) -> int:
     return 0
 
 
-def cut_short_as_by_a_kill(run_dir: Path, ray_root: psutil.Process) -> Path:
+def train_controllers(root: psutil.Process) -> set[int]:
+    """Process ids of the Ray Train controllers below `root`; Ray titles them `ray::TrainController`."""
+    pids = set()
+    for process in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if " ".join(process.cmdline()).startswith("ray::TrainController"):
+                pids.add(process.pid)
+    return pids
+
+
+def cut_short_as_by_a_kill(run_dir: Path, ray_root: psutil.Process, controllers_before: set[int]) -> Path:
     """Leave `run_dir` as a kill can: Ray Train's record of the run empty (the kill came while Ray
-    rewrote it in place) and a checkpoint newer than any registered one whose copy was cut short. Waits
-    until no Ray Train controller is left below `ray_root`, so that none rewrites the record after.
-    Returns the cut-short checkpoint."""
+    rewrote it in place) and a checkpoint newer than any registered one whose copy was cut short.
+    First waits until the controllers below `ray_root` that are not in `controllers_before` (the
+    dead run's) are gone, so that none rewrites the record after. Returns the cut-short checkpoint."""
     deadline = time.monotonic() + 60
-    while any(_is_train_controller(p) for p in ray_root.children(recursive=True)):
+    while train_controllers(ray_root) - controllers_before:
         assert time.monotonic() < deadline, "the dead run's Ray Train controller lives on"
         time.sleep(0.2)
     torn = run_dir / "checkpoint_9999-12-31_23-59-59.999999"  # Ray names them by time: newer than all
@@ -41,12 +51,6 @@ def cut_short_as_by_a_kill(run_dir: Path, ray_root: psutil.Process) -> Path:
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     (run_dir / RUN_SNAPSHOT).write_text("")
     return torn
-
-
-def _is_train_controller(process: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return " ".join(process.cmdline()).startswith("ray::TrainController")
-    return False
 
 
 class SimulatedCrash(Exception):

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import set_params
 from mlflow.tracking import MlflowClient
-from ray_checkpoints import cut_short_as_by_a_kill, registered_step
+from ray_checkpoints import cut_short_as_by_a_kill, registered_step, train_controllers
 
 from components.registry.store import resolve_tracking_uri
 from components.training.ray_train import RUN_SNAPSHOT
@@ -104,6 +104,8 @@ def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
     registry_limit = limit_name(resolve_tracking_uri(None, project))
     command = [*GENPIPE, "run", "--models", "nade", "-C", str(project)]
     log = open(tmp_path / "first.log", "w")
+    ray_root = psutil.Process()  # the test's Ray instance runs below this process
+    controllers_before = train_controllers(ray_root)  # earlier tests' fits may hold theirs
     driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 480
     # Ray resumes only from checkpoints its controller has registered, not from any directory written.
@@ -115,7 +117,7 @@ def test_a_killed_run_blocks_nothing_and_resume_continues_and_registers_once(
     driver.wait()
     (ray_run,) = registered
     if ray_record == "cut short":
-        cut_short_as_by_a_kill(ray_run, psutil.Process())  # the test's Ray instance runs below this process
+        cut_short_as_by_a_kill(ray_run, ray_root, controllers_before)
     dead = json.loads((project / JOURNAL_FILE).read_text())
     assert dead["holder"]["pid"] == driver.pid and dead["registry_lease"]
     assert list(dead["ray_runs"]) and prefect_setup.active_slots(registry_limit) == 1
