@@ -17,13 +17,15 @@ Two bodies (hyper-parameter `gated`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from components.models.autoregressive import (
     AutoregressiveImageModel,
+    Conditional,
     MaskedConv2d,
     channel_conv,
     output_head,
@@ -145,6 +147,48 @@ class PixelCNN(AutoregressiveImageModel):
 
     def sampling_reach(self) -> tuple[int, int]:
         return self.reach
+
+    def conditional_params(self, x: Tensor, generator: torch.Generator | None) -> Iterator[Conditional]:
+        """The gated body's sampler: the vertical stack reaches a row only from the rows above it, all
+        drawn when the row starts, so it runs once per row (on the rows it reads); each step runs
+        just the horizontal stack on the current row and the head on the pixel drawn."""
+        if not self.gated:
+            yield from super().conditional_params(x, generator)
+            return
+        channels, height, width = self.image_shape
+        images = x.view(len(x), *self.image_shape)
+        for row in range(height):
+            from_above = self._vertical_contributions(images, row)
+            for column in range(width):
+                for channel in range(channels):
+                    horizontal = self.horizontal_in(images[:, :, row : row + 1])
+                    for block, vertical in zip(self.blocks, from_above, strict=True):
+                        pre_gate = block.horizontal(horizontal) + vertical
+                        horizontal = horizontal + block.horizontal_out(gate(pre_gate))
+                    params = subpixel_params(self.head(horizontal[:, :, :, column : column + 1]), channels)
+                    yield channel * height * width + row * width + column, params[:, channel, 0, 0]
+
+    def _vertical_contributions(self, images: Tensor, row: int) -> list[Tensor]:
+        """What each block's vertical stack adds to the horizontal one on `row` (N x 2F x 1 x W), from
+        the rows above it: the ones its output on the row before reads (the top padding stands for
+        the rows cut off above, which that output does not reach)."""
+        rows_read = self.reach[0] - 1  # the reach counts the shift down a row as one more
+        if row == 0:
+            return [
+                block.vertical_to_horizontal(
+                    images.new_zeros(
+                        len(images), block.vertical_to_horizontal.in_channels, 1, images.shape[-1]
+                    )
+                )
+                for block in self.blocks
+            ]
+        vertical = self.vertical_in(images[:, :, max(0, row - 1 - rows_read) : row])
+        contributions = []
+        for block in self.blocks:
+            pre_gate = block.vertical(vertical)
+            contributions.append(block.vertical_to_horizontal(pre_gate[:, :, -1:]))
+            vertical = gate(pre_gate)
+        return contributions
 
     def _features(self, x: Tensor) -> Tensor:
         """What the output head reads at every pixel."""
