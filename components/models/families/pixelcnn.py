@@ -151,7 +151,9 @@ class PixelCNN(AutoregressiveImageModel):
     def conditional_params(self, x: Tensor, generator: torch.Generator | None) -> Iterator[Conditional]:
         """The gated body's sampler: the vertical stack reaches a row only from the rows above it, all
         drawn when the row starts, so it runs once per row (on the rows it reads); each step runs
-        just the horizontal stack on the current row and the head on the pixel drawn."""
+        just the horizontal stack on the part of the current row it reads and the head on the pixel
+        drawn. (The padding of a cropped input stands for what was cut off, which the outputs used
+        do not reach.)"""
         if not self.gated:
             yield from super().conditional_params(x, generator)
             return
@@ -160,12 +162,14 @@ class PixelCNN(AutoregressiveImageModel):
         for row in range(height):
             from_above = self._vertical_contributions(images, row)
             for column in range(width):
+                # The horizontal stack reads the pixel and the ones to its left, as far as its reach.
+                left = max(0, column - self.reach[1])
                 for channel in range(channels):
-                    horizontal = self.horizontal_in(images[:, :, row : row + 1])
+                    horizontal = self.horizontal_in(images[:, :, row : row + 1, left : column + 1])
                     for block, vertical in zip(self.blocks, from_above, strict=True):
-                        pre_gate = block.horizontal(horizontal) + vertical
+                        pre_gate = block.horizontal(horizontal) + vertical[..., left : column + 1]
                         horizontal = horizontal + block.horizontal_out(gate(pre_gate))
-                    params = subpixel_params(self.head(horizontal[:, :, :, column : column + 1]), channels)
+                    params = subpixel_params(self.head(horizontal[..., -1:]), channels)
                     yield channel * height * width + row * width + column, params[:, channel, 0, 0]
 
     def _vertical_contributions(self, images: Tensor, row: int) -> list[Tensor]:
