@@ -312,7 +312,7 @@ class _ProgressPacer:
 
     def __init__(self, ctx: WorkerContext, job: TrainJob, total_steps: int, step: int, epoch: int):
         self.ctx, self.job, self.total_steps = ctx, job, total_steps
-        self.epoch, self.loss = epoch, None
+        self.epoch, self.loss, self.images_per_s = epoch, None, 0.0
         self.sent_at, self.sent_step = time.monotonic(), step
         self._send(step)
 
@@ -328,14 +328,16 @@ class _ProgressPacer:
         if self.ctx.rank != 0:
             return
         now = time.monotonic()
-        images = (step - self.sent_step) * self.job.batch_size * self.ctx.world_size
+        if step > self.sent_step:  # else (the last step already sent) the rate stays the last measured
+            images = (step - self.sent_step) * self.job.batch_size * self.ctx.world_size
+            self.images_per_s = images / max(now - self.sent_at, 1e-9)
         update = TrainProgress(
             step,
             self.total_steps,
             min(self.epoch + 1, self.job.epochs),
             self.job.epochs,
             None if self.loss is None else float(self.loss.detach()),
-            images / max(now - self.sent_at, 1e-9),
+            self.images_per_s,
         )
         self.ctx.progress(update)
         self.sent_at, self.sent_step = now, step

@@ -88,7 +88,8 @@ def test_progress_is_paced_and_ends_at_the_planned_step(digits, tmp_path, monkey
     planned = 2 * -(-len(digits.train) // 128)
     assert [u.step for u in updates] == [0, *range(1, planned + 1), planned]
     assert updates[-1].total_steps == planned and updates[-1].epoch == 2 and updates[-1].loss > 0
-    assert all(u.images_per_s > 0 for u in updates[1:-1])
+    assert all(u.images_per_s > 0 for u in updates[1:])  # the last repeats the last rate measured
+    assert updates[-1].images_per_s == updates[-2].images_per_s
 
     monkeypatch.setattr(trainer, "PROGRESS_INTERVAL_S", 3600.0)
     updates.clear()
