@@ -219,12 +219,12 @@ def recover_cut_short_snapshot(run_uri: str) -> Checkpoint | None:
     if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(snapshot) as stream:
-        try:
-            json.loads(stream.read())
-            return None
-        except ValueError:
-            pass
-    fs.move(snapshot, f"{snapshot}.unreadable")
+        record = stream.read()
+    try:
+        json.loads(record)
+        return None
+    except ValueError:  # empty, cut short mid-value or mid-character
+        fs.move(snapshot, f"{snapshot}.unreadable")
     folders = fs.get_file_info(pyarrow.fs.FileSelector(run_path))
     # Ray names checkpoint folders by their UTC time, so the names sort oldest to newest.
     checkpoints = sorted(
