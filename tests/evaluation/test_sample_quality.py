@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FAMILIES
 from inception_v3 import POOL_FEATURES, InceptionV3
 from torch import Tensor, nn
 
@@ -286,3 +287,50 @@ def test_the_featurizer_stages_follow_the_image_size():
         strided = [m for m in featurizer.body if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
         assert len(strided) == stages
         assert featurizer(torch.rand(2, 3, side, side)).shape == (2, 8)
+
+
+@pytest.fixture(scope="module")
+def shapes64_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 colour shapes at 64 x 64, prepared, with a featurizer trained for one epoch."""
+    from components.data.prepared import prepare
+    from components.data.raw import write_raw
+    from components.data.shapes import render_shapes
+
+    root = tmp_path_factory.mktemp("shapes64")
+    write_raw(render_shapes(60, 64, seed=0), root / "raw")
+    prepare(root / "raw", root / "prepared", 0.2, 0.2, 0)
+    train_featurizer(
+        root / "prepared", root / "featurizer", feature_dim=8, epochs=1, batch_size=32, lr=2e-3, seed=0
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    ("family", "primary", "also"),
+    [
+        ("vae", "bits_per_dim_bound", ()),
+        ("made", "bits_per_dim", ()),
+        ("dcgan", "fid", ("parzen_ll_estimate",)),
+        ("ae", "fid", ("parzen_ll_estimate", "reconstruction_sse")),
+    ],
+)
+def test_each_kind_of_score_is_computed_at_3x64x64(family: str, primary: str, also, shapes64_dir: Path):
+    """The evaluation at the largest size the families take: a bound, an exact likelihood, the sample
+    scores with a Parzen estimate and with a reconstruction error, over a featurizer at 64 x 64."""
+    from components.data.prepared import load_prepared
+
+    data = load_prepared(shapes64_dir / "prepared")
+    assert data.image_shape == (3, 64, 64)
+    extractor, extractor_id = feature_extractor("featurizer", shapes64_dir / "featurizer")
+    settings = EvaluationSettings(
+        num_samples=8, kid_subset_size=4, importance_samples=2, batch_size=8, seed=0
+    )
+    torch.manual_seed(0)
+    model = create_model(family, data.image_shape, **TINY_FAMILIES[family])
+    evaluation = evaluate_model(model, data, extractor, extractor_id, settings)
+    assert evaluation.primary_metric == primary
+    for split in ("val", "test"):
+        for metric in (primary, "fid", "kid_mean", *also):
+            assert math.isfinite(evaluation.metrics[f"{split}_{metric}"]), (split, metric, evaluation.metrics)
+    if primary.startswith("bits_per_dim"):
+        assert 0 < evaluation.metrics[f"test_{primary}"] < 16
