@@ -383,3 +383,11 @@ def test_the_8bit_form_trains_on_the_grey_values_themselves(name, hparams, digit
     samples = trained.sample(4, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (4, *digits.image_shape)
     assert torch.equal((samples * 16).round() / 16, samples)
+
+
+@pytest.mark.parametrize(
+    ("shape", "share"), [((1, 8, 8), 1.0), ((1, 28, 28), 1.0), ((3, 32, 32), 784 / 3072)]
+)
+def test_fvsbn_takes_a_smaller_rate_the_more_inputs_its_outputs_sum(shape, share):
+    (optimizer,) = create_model("fvsbn", shape).configure_optimizers(1e-3).values()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * share)
