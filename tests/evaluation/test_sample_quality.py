@@ -227,20 +227,31 @@ class InceptionContract(nn.Module):
         return features if return_features else self.logits(features)
 
 
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """300 colour shapes at 16 x 16, prepared, with a briefly trained 3-channel featurizer."""
+def shapes_with_featurizer(root: Path, count: int, side: int, feature_dim: int, epochs: int) -> Path:
+    """`count` colour shapes at `side` x `side` rendered and prepared under `root`, with a featurizer
+    trained on them for `epochs`."""
     from components.data.prepared import prepare
     from components.data.raw import write_raw
     from components.data.shapes import render_shapes
 
-    root = tmp_path_factory.mktemp("shapes")
-    write_raw(render_shapes(300, 16, seed=0), root / "raw")
+    write_raw(render_shapes(count, side, seed=0), root / "raw")
     prepare(root / "raw", root / "prepared", 0.1, 0.3, 0)
     train_featurizer(
-        root / "prepared", root / "featurizer", feature_dim=16, epochs=2, batch_size=64, lr=2e-3, seed=0
+        root / "prepared",
+        root / "featurizer",
+        feature_dim=feature_dim,
+        epochs=epochs,
+        batch_size=64,
+        lr=2e-3,
+        seed=0,
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 colour shapes at 16 x 16, prepared, with a briefly trained 3-channel featurizer."""
+    return shapes_with_featurizer(tmp_path_factory.mktemp("shapes"), 300, 16, feature_dim=16, epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -292,17 +303,7 @@ def test_the_featurizer_stages_follow_the_image_size():
 @pytest.fixture(scope="module")
 def shapes64_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 colour shapes at 64 x 64, prepared, with a featurizer trained for one epoch."""
-    from components.data.prepared import prepare
-    from components.data.raw import write_raw
-    from components.data.shapes import render_shapes
-
-    root = tmp_path_factory.mktemp("shapes64")
-    write_raw(render_shapes(60, 64, seed=0), root / "raw")
-    prepare(root / "raw", root / "prepared", 0.2, 0.2, 0)
-    train_featurizer(
-        root / "prepared", root / "featurizer", feature_dim=8, epochs=1, batch_size=32, lr=2e-3, seed=0
-    )
-    return root
+    return shapes_with_featurizer(tmp_path_factory.mktemp("shapes64"), 60, 64, feature_dim=8, epochs=1)
 
 
 @pytest.mark.parametrize(
