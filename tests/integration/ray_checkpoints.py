@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
+from two_nodes import ray_actor_processes
 
 from components.training.ray_train import RUN_SNAPSHOT
 from components.training.trainer import STATE_FILE, LocalContext
@@ -27,13 +28,8 @@ def registered_step(run_dir: Path) -> int:
 
 
 def train_controllers(root: psutil.Process) -> set[int]:
-    """Process ids of the Ray Train controllers below `root`; Ray titles them `ray::TrainController`."""
-    pids = set()
-    for process in root.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if " ".join(process.cmdline()).startswith("ray::TrainController"):
-                pids.add(process.pid)
-    return pids
+    """Process ids of the Ray Train controllers below `root`."""
+    return {process.pid for process in ray_actor_processes(root, "TrainController")}
 
 
 def cut_short_as_by_a_kill(run_dir: Path, ray_root: psutil.Process, controllers_before: set[int]) -> Path:

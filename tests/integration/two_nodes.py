@@ -46,14 +46,14 @@ def digits_job(image_shape, checkpoint_every_steps: int = 0) -> TrainJob:
     )
 
 
-def ray_train_workers(root: psutil.Process) -> list[psutil.Process]:
-    """Ray Train worker processes below `root`; Ray titles them `ray::RayTrainWorker...`."""
-    workers = []
+def ray_actor_processes(root: psutil.Process, actor: str) -> list[psutil.Process]:
+    """Processes below `root` of Ray actors of class `actor`; Ray titles them `ray::<actor>...`."""
+    found = []
     for process in root.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if " ".join(process.cmdline()).startswith("ray::RayTrainWorker"):
-                workers.append(process)
-    return workers
+            if " ".join(process.cmdline()).startswith(f"ray::{actor}"):
+                found.append(process)
+    return found
 
 
 def raylet_node_id(worker: psutil.Process) -> str:
@@ -119,7 +119,7 @@ class DriverRun:
         found = []
         for pid in self.node_roots:
             with contextlib.suppress(psutil.Error):
-                found += ray_train_workers(psutil.Process(pid))
+                found += ray_actor_processes(psutil.Process(pid), "RayTrainWorker")
         return found
 
     def run(self, prepared_dir: Path, nodes: int, while_running: Callable[[], None] = lambda: None) -> dict:
