@@ -23,8 +23,10 @@ run: $(STAMP)
 # files of one group (tests/conftest.py's FILE_GROUPS) to the same process, which makes their shared run once.
 TEST_PROCESSES ?= 2
 
+# Tests marked `alone` need most of the machine's memory, so they run after the others, by themselves.
 test: $(STAMP) lint browser
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not alone" --durations=15
+	$(BIN)/python -m pytest -m alone --durations=5
 
 # The browser tests drive Debian's chromium and its driver; installed once, a no-op when present.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -36,7 +38,7 @@ browser:
 # trainer in-process, data and DVC, the registry on SQLite) and compiles nothing. CI runs the whole
 # suite (`make test`). tests/integration is all `integration`: not even collected here (its imports).
 test-fast: $(STAMP) lint
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not integration and not compiles" --ignore=tests/integration --durations=5
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not integration and not compiles and not alone" --ignore=tests/integration --durations=5
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
