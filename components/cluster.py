@@ -43,6 +43,10 @@ class ProgressInbox:
     def take(self, feed: int) -> dict[str, Any] | None:
         return self.latest.pop(feed, None)
 
+    def received(self) -> None:
+        """Answers once every post its caller sent before has been applied: an actor runs the calls
+        of one caller in the order they were sent."""
+
 
 @dataclass(frozen=True)
 class ProgressPoster:
@@ -53,6 +57,11 @@ class ProgressPoster:
 
     def post(self, update: dict[str, Any]) -> None:
         self.inbox.post.remote(self.feed, update)  # not awaited: the worker never waits for it
+
+    def flush(self) -> None:
+        """Wait until this worker's posts have landed; called as its work ends, so the driver's last
+        take finds the last post, and none lands after it to stay in the inbox for the driver's life."""
+        ray.get(self.inbox.received.remote())
 
 
 _feeds = itertools.count()

@@ -127,7 +127,11 @@ def _evaluation_task(
 ) -> Evaluation:
     report = None if poster is None else (lambda update: poster.post(asdict(update)))
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-    return run_evaluation(model, task, report, device)
+    try:
+        return run_evaluation(model, task, report, device)
+    finally:
+        if poster is not None:
+            poster.flush()
 
 
 def evaluate_on_cluster(

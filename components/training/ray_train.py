@@ -202,7 +202,11 @@ def _worker_entry(config: dict[str, Any]) -> None:
     else:
         train = streamed_batches(ray.train.get_dataset_shard(STREAMED_DATASET), job, stream, ctx)
     val = config["val"]
-    run_training(job, train, val if isinstance(val, ShardedSplit) else ray.get(val), ctx)
+    try:
+        run_training(job, train, val if isinstance(val, ShardedSplit) else ray.get(val), ctx)
+    finally:
+        if ctx.progress_poster is not None:
+            ctx.progress_poster.flush()
 
 
 # Ray Train's record of a run's registered checkpoints, in the run's folder of the storage.

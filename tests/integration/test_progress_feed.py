@@ -27,3 +27,19 @@ def test_two_feeds_at_once_share_one_inbox_and_each_hears_only_its_own_posts(ray
         wait_until(lambda: all(heard.values()), 30, "both posts", interval=0.1)
         assert training.inbox is evaluation.inbox
     assert heard == {"training": [{"step": 3}], "evaluation": [{"phase": "nll"}]}
+
+
+@ray.remote(num_cpus=0)
+def post_a_burst_and_flush(poster, posts: int) -> None:
+    """What a training worker does: many posts it never waits for, then `flush` as its work ends."""
+    for step in range(posts):
+        poster.post({"step": step})
+    poster.flush()
+
+
+def test_the_last_post_of_a_finished_worker_is_heard_and_nothing_stays_in_the_inbox(ray_instance):
+    heard = []
+    with progress_feed(heard.append, dict) as feed:
+        ray.get(post_a_burst_and_flush.remote(feed, 500))
+    assert heard and heard[-1] == {"step": 499}, heard[-3:]
+    assert ray.get(feed.inbox.take.remote(feed.feed)) is None, "a post landed after the feed was closed"
