@@ -78,27 +78,26 @@ def _machine_busy() -> tuple[int, int]:
     return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
 
 
-def sample(command: list[str], interval: float) -> tuple[dict[str, dict], int, float, float]:
+def sample(command: list[str], interval: float) -> tuple[list[dict], int, float, float]:
     """Run `command` to its end; per process its CPU and last command line; its exit status, wall
     seconds, and the share of the machine's CPU time that was busy meanwhile."""
     processes: dict[str, dict] = {}
-    before = dict(_read_all())  # what the processes already running had spent does not count
+    spent_before = {identity: cpu for identity, (cpu, _) in _read_all()}  # not the command's
     started, busy_before = time.monotonic(), _machine_busy()
     child = subprocess.Popen(command)
     while child.poll() is None:
         time.sleep(interval)
         for identity, (cpu, line) in _read_all():
             seen = processes.setdefault(identity, {"cpu": 0.0, "command": line})
-            seen["cpu"] = max(seen["cpu"], cpu - before.get(identity, (0.0, ""))[0])
+            seen["cpu"] = max(seen["cpu"], cpu - spent_before.get(identity, 0.0))
             seen["command"] = line or seen["command"]  # Ray retitles its workers once they are given work
-    busy_after = _machine_busy()
-    total, idle = (after - before for after, before in zip(busy_after, busy_before, strict=True))
-    return processes, child.returncode, time.monotonic() - started, 1 - idle / max(total, 1)
+    total, idle = (end - start for end, start in zip(_machine_busy(), busy_before, strict=True))
+    return list(processes.values()), child.returncode, time.monotonic() - started, 1 - idle / max(total, 1)
 
 
-def by_kind(processes: dict[str, dict]) -> dict[str, tuple[int, float]]:
+def by_kind(processes: list[dict]) -> dict[str, tuple[int, float]]:
     kinds: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for seen in processes.values():
+    for seen in processes:
         kind = next((k for k, pattern in KINDS.items() if re.search(pattern, seen["command"])), OTHERS)
         kinds[kind][0] += 1
         kinds[kind][1] += seen["cpu"]
@@ -124,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)
     if args.regroup:
-        print(table(by_kind(dict(enumerate(json.loads(args.regroup.read_text()))))))
+        print(table(by_kind(json.loads(args.regroup.read_text()))))
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to profile after --")
     processes, status, wall, busy = sample(command, args.interval)
     if args.raw:
-        args.raw.write_text(json.dumps(list(processes.values())))
+        args.raw.write_text(json.dumps(processes))
     print(f"\nMachine: {machine()}.\nCommand: `{' '.join(command)}` (exit status {status})")
     print(f"{wall:,.0f} s wall, machine busy {100 * busy:.0f} % of it.\n")
     print(table(by_kind(processes)))
