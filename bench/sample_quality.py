@@ -12,6 +12,7 @@ it ran on.
     .venv/bin/python bench/sample_quality.py                          # built-in digits, a few minutes
     .venv/bin/python bench/sample_quality.py --models ae dae vaegan   # a subset
     .venv/bin/python bench/sample_quality.py --data path/to/mnist --max-images 12000 --epochs 3
+    .venv/bin/python bench/sample_quality.py --models wgan-gp --hparam n_critic=2   # not the defaults
 
 A long run can be continued: with `--keep-models DIR` each trained model (weights, optimiser state,
 history) stays in DIR, checkpointed every few hundred steps, and a later run with the same DIR, data
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from common import data_arguments, load_data, machine, publish, results_arguments
 
 from components.config import load_params
@@ -41,7 +43,7 @@ from components.evaluation.images import save_grid
 from components.evaluation.parzen import parzen_estimate
 from components.evaluation.sample_quality import fid_kid
 from components.models import DensityModel
-from components.models.factory import list_models, model_class
+from components.models.factory import create_model, list_models, model_class
 from components.models.model_dir import load_model_dir
 from components.training.trainer import LocalContext, TrainJob, read_outcome, run_training
 
@@ -75,12 +77,37 @@ def families(requested: list[str] | None) -> list[str]:
     return names
 
 
+def check_hyperparameters(names: list[str], image_shape: tuple[int, int, int], hparams: dict) -> None:
+    """Stop before anything trains if a family cannot be built with `hparams` (an unknown name, a bad
+    value); built on the meta device, so no weights are allocated."""
+    for name in names:
+        try:
+            with torch.device("meta"):
+                create_model(name, image_shape, **hparams)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"--hparam: {name}: {err}") from err
+
+
 def real_grid(data: PreparedData, data_kind: str) -> str:
     """Grid of the test images a model of `data_kind` is scored against (written once per kind)."""
     path = IMAGES / f"{data.name}-real-{data_kind}.png"
     if not path.exists():
         save_grid(torch.from_numpy(data.test.for_kind(data_kind)[:64]), path)
     return path.name
+
+
+def hyperparameter(setting: str) -> tuple[str, object]:
+    """`--hparam KEY=VALUE`: the value read as YAML, so numbers and booleans keep their type."""
+    key, sep, value = setting.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{setting!r}: expected KEY=VALUE, e.g. n_critic=2")
+    return key, yaml.safe_load(value)
+
+
+def run_label(name: str, hparams: dict) -> str:
+    """`name` and the hyper-parameters set in place of the family's defaults: what names a kept model
+    and its grids, so runs of one family with other settings neither overwrite nor continue each other."""
+    return name + "".join(f"-{key}{value}" for key, value in sorted(hparams.items()))
 
 
 def run_one(
@@ -91,7 +118,7 @@ def run_one(
     kind = model_class(name).data_kind_for(data.image_shape, {})
     torch.manual_seed(args.seed)
     job = TrainJob(
-        model={"name": name, "image_shape": list(data.image_shape), "hparams": {}},
+        model={"name": name, "image_shape": list(data.image_shape), "hparams": args.hparams},
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -102,7 +129,7 @@ def run_one(
         compile=False,
         sample_every_epochs=0,
     )
-    out = models / f"{data.name}-{name}"
+    out = models / f"{data.name}-{run_label(name, args.hparams)}"
     start = time.perf_counter()
     run_training(job, data.train.images, data.val.for_kind(kind), LocalContext(out))
     train_seconds = time.perf_counter() - start
@@ -122,7 +149,8 @@ def run_one(
         dataclasses.replace(SETTINGS, seed=args.seed),
     )
     samples_png = save_grid(
-        evaluation.images["samples"][0], grids / f"{data.name}-{name}-{args.epochs}ep.png"
+        evaluation.images["samples"][0],
+        grids / f"{data.name}-{run_label(name, args.hparams)}-{args.epochs}ep.png",
     ).name
     return Row(
         name,
@@ -190,6 +218,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
+        "--hparam",
+        type=hyperparameter,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyper-parameter of every model run, in place of the family's default (repeatable)",
+    )
+    parser.add_argument(
         "--keep-models",
         type=Path,
         metavar="DIR",
@@ -197,12 +233,14 @@ def main() -> None:
     )
     results_arguments(parser, RESULTS)
     args = parser.parse_args()
+    args.hparams = dict(args.hparam)
     torch.set_num_threads(args.threads)
     names = families(args.models)
 
     with tempfile.TemporaryDirectory(prefix="bench-sample-quality-") as tmp:
         work = Path(tmp)
         data = load_data(args, work)
+        check_hyperparameters(names, data.image_shape, args.hparams)
         start = time.perf_counter()
         settings = PARAMS.featurizer.model_dump(include={"feature_dim", "epochs", "batch_size", "lr"})
         train_featurizer(work / "prepared", work / "featurizer", seed=args.seed, **settings)
@@ -219,11 +257,12 @@ def main() -> None:
 
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/sample_quality.py", *sys.argv[1:]])
     c, h, w = data.image_shape
+    hparams_text = ", ".join(f"{k} = {v}" for k, v in args.hparams.items()) or "the families' defaults"
     report = f"""# Sample quality of the non-likelihood families: FID, KID, reconstruction, Parzen estimate
 
 Dataset: {data.name} ({c}x{h}x{w}; {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images).
 Budget, the same for every model: {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr} (as each family
-scales it), seed {args.seed}, default hyper-parameters. Scores come from `evaluate_model` with params.yaml's `evaluate` settings:
+scales it), seed {args.seed}, hyper-parameters: {hparams_text}. Scores come from `evaluate_model` with params.yaml's `evaluate` settings:
 {SETTINGS.num_samples} samples; FID and KID against the test split (binarised for binary models) in
 the feature space of `{extractor_id}` (the pipeline's featurizer, trained here in {featurizer_seconds:.0f} s),
 KID subsets of {SETTINGS.kid_subset_size}; recon. SSE is the summed squared pixel error per test image;
