@@ -3,6 +3,7 @@ progress takes from a Ray worker back to the process that shows it."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections.abc import Callable, Iterator
@@ -61,7 +62,10 @@ class ProgressPoster:
     def flush(self) -> None:
         """Wait until this worker's posts have landed; called as its work ends, so the driver's last
         take finds the last post, and none lands after it to stay in the inbox for the driver's life."""
-        ray.get(self.inbox.received.remote())
+        # An inbox that ended with its driver leaves nobody to hear the posts; raising here, in the
+        # worker's `finally`, would put Ray's error in place of the work's own.
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            ray.get(self.inbox.received.remote())
 
 
 _feeds = itertools.count()

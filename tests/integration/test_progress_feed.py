@@ -7,7 +7,7 @@ import pytest
 import ray
 from conftest import wait_until
 
-from components.cluster import progress_feed
+from components.cluster import ProgressInbox, ProgressPoster, progress_feed
 
 pytestmark = pytest.mark.integration
 
@@ -43,3 +43,19 @@ def test_the_last_post_of_a_finished_worker_is_heard_and_nothing_stays_in_the_in
         ray.get(post_a_burst_and_flush.remote(feed, 500))
     assert heard and heard[-1] == {"step": 499}, heard[-3:]
     assert ray.get(feed.inbox.take.remote(feed.feed)) is None, "a post landed after the feed was closed"
+
+
+@ray.remote(num_cpus=0)
+def fail_and_flush(poster) -> None:
+    """What a training worker does when its training fails: flush as its work ends, then raise."""
+    try:
+        raise ValueError("the training's own error")
+    finally:
+        poster.flush()
+
+
+def test_a_worker_whose_driver_and_inbox_are_gone_raises_its_own_error_not_rays(ray_instance):
+    orphan = ProgressPoster(ProgressInbox.remote(), feed=0)
+    ray.kill(orphan.inbox)
+    with pytest.raises(ValueError, match="the training's own error"):
+        ray.get(fail_and_flush.remote(orphan))
