@@ -51,6 +51,7 @@ RESULTS = Path(__file__).with_name("RESULTS-sample-quality.md")
 IMAGES = Path(__file__).with_name("results")
 SPEED_SAMPLES = 1000  # images drawn in one call to time sampling
 KEPT_CHECKPOINT_STEPS = 500
+DEFAULT_LR = 0.001
 PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 SETTINGS = EvaluationSettings.from_params(PARAMS)  # the pipeline's own evaluation
 
@@ -88,9 +89,9 @@ def check_hyperparameters(names: list[str], image_shape: tuple[int, int, int], h
             raise SystemExit(f"--hparam: {name}: {err}") from err
 
 
-def real_grid(data: PreparedData, data_kind: str) -> str:
+def real_grid(data: PreparedData, data_kind: str, grids: Path) -> str:
     """Grid of the test images a model of `data_kind` is scored against (written once per kind)."""
-    path = IMAGES / f"{data.name}-real-{data_kind}.png"
+    path = grids / f"{data.name}-real-{data_kind}.png"
     if not path.exists():
         save_grid(torch.from_numpy(data.test.for_kind(data_kind)[:64]), path)
     return path.name
@@ -104,10 +105,14 @@ def hyperparameter(setting: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
-def run_label(name: str, hparams: dict) -> str:
-    """`name` and the hyper-parameters set in place of the family's defaults: what names a kept model
-    and its grids, so runs of one family with other settings neither overwrite nor continue each other."""
-    return name + "".join(f"-{key}{value}" for key, value in sorted(hparams.items()))
+def run_label(name: str, args: argparse.Namespace) -> str:
+    """`name`, the hyper-parameters set in place of the family's defaults and a learning rate other
+    than the default: what names a kept model and its grids, so runs of one family with other settings
+    neither overwrite nor continue each other."""
+    settings = sorted(args.hparams.items())
+    if args.lr != DEFAULT_LR:
+        settings.append(("lr", args.lr))
+    return name + "".join(f"-{key}{value}" for key, value in settings)
 
 
 def run_one(
@@ -129,7 +134,7 @@ def run_one(
         compile=False,
         sample_every_epochs=0,
     )
-    out = models / f"{data.name}-{run_label(name, args.hparams)}"
+    out = models / f"{data.name}-{run_label(name, args)}"
     start = time.perf_counter()
     run_training(job, data.train.images, data.val.for_kind(kind), LocalContext(out))
     train_seconds = time.perf_counter() - start
@@ -150,7 +155,7 @@ def run_one(
     )
     samples_png = save_grid(
         evaluation.images["samples"][0],
-        grids / f"{data.name}-{run_label(name, args.hparams)}-{args.epochs}ep.png",
+        grids / f"{data.name}-{run_label(name, args)}-{args.epochs}ep.png",
     ).name
     return Row(
         name,
@@ -161,7 +166,7 @@ def run_one(
         epochs_now * len(data.train) / train_seconds,
         SPEED_SAMPLES / sample_seconds,
         samples_png,
-        real_grid(data, kind),
+        real_grid(data, kind, grids),
     )
 
 
@@ -214,7 +219,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help="families to run (default: every non-density family)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
@@ -251,8 +256,9 @@ def main() -> None:
         run_one(names[0], data, warm_up, work, extractor, extractor_id, grids=work)
         reference = data_reference(data, extractor, SETTINGS.num_samples)
         rows = []
+        grids = work if args.no_write else IMAGES  # --no-write leaves bench/ as it was
         for name in names:
-            rows.append(run_one(name, data, args, args.keep_models or work, extractor, extractor_id))
+            rows.append(run_one(name, data, args, args.keep_models or work, extractor, extractor_id, grids))
             print(f"{name}: {rows[-1].metrics} in {rows[-1].train_seconds:.1f} s", flush=True)
 
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/sample_quality.py", *sys.argv[1:]])
