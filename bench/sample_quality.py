@@ -116,7 +116,7 @@ def run_label(name: str, args: argparse.Namespace) -> str:
 
 
 def run_one(
-    name: str, data: PreparedData, args, models: Path, extractor, extractor_id: str, grids: Path = IMAGES
+    name: str, data: PreparedData, args, models: Path, extractor, extractor_id: str, grids: Path
 ) -> Row:
     """Train and score one family, continuing the model kept in `models` if there is one; its sample
     grid goes to `grids`."""
