@@ -251,9 +251,10 @@ def main() -> None:
         train_featurizer(work / "prepared", work / "featurizer", seed=args.seed, **settings)
         featurizer_seconds = time.perf_counter() - start
         extractor, extractor_id = feature_extractor("featurizer", work / "featurizer")
-        # One untimed epoch first, so the first timed model does not pay for one-time initialisation.
+        # One untimed epoch first, so the first timed model does not pay for one-time initialisation;
+        # in a folder of its own, so that model starts afresh rather than continuing the warm-up's.
         warm_up = argparse.Namespace(**{**vars(args), "epochs": 1})
-        run_one(names[0], data, warm_up, work, extractor, extractor_id, grids=work)
+        run_one(names[0], data, warm_up, work / "warm-up", extractor, extractor_id, grids=work)
         reference = data_reference(data, extractor, SETTINGS.num_samples)
         rows = []
         grids = work if args.no_write else IMAGES  # --no-write leaves bench/ as it was
