@@ -244,14 +244,22 @@ def test_stylegan_style_mixing_changes_the_image_from_the_crossover_on():
     assert (unmixed - fine_from_other).abs().mean() < (unmixed - coarse_from_other).abs().mean()
 
 
-def test_stylegan_discriminator_loss_carries_the_r1_penalty_on_real_images():
+@pytest.mark.parametrize(
+    ("family", "size"), [("stylegan", {"latent_dim": 4, "width": 8, "mapping_layers": 2}), ("dcgan", {"width": 8})]
+)
+def test_discriminator_loss_carries_the_r1_penalty_on_real_images(family, size):
     torch.manual_seed(0)
     x = torch.rand(6, 3, 16, 16)
-    model = create_model("stylegan", (3, 16, 16), latent_dim=4, width=8, mapping_layers=2, r1_gamma=5.0)
+    model = create_model(family, (3, 16, 16), **size, r1_gamma=5.0)
     outputs = model(x, "discriminator")
     expected = r1_penalty(model.discriminator, 2 * x - 1, gamma=5.0)
     assert outputs["penalty"].item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0
-    without = create_model("stylegan", (3, 16, 16), latent_dim=4, width=8, mapping_layers=2, r1_gamma=0.0)
+    without = create_model(family, (3, 16, 16), **size, r1_gamma=0.0)
     assert "penalty" not in without(x, "discriminator")
+    with pytest.raises(ValueError, match=f"{family}: expected .*r1_gamma >= 0, got .*r1_gamma=-1"):
+        create_model(family, (3, 16, 16), r1_gamma=-1.0)
+
+
+def test_stylegan_refuses_a_mixing_probability_outside_0_1():
     with pytest.raises(ValueError, match="mixing_prob in \\[0, 1\\]"):
         create_model("stylegan", (3, 16, 16), mixing_prob=1.5)
