@@ -245,7 +245,8 @@ def test_stylegan_style_mixing_changes_the_image_from_the_crossover_on():
 
 
 @pytest.mark.parametrize(
-    ("family", "size"), [("stylegan", {"latent_dim": 4, "width": 8, "mapping_layers": 2}), ("dcgan", {"width": 8})]
+    ("family", "size"),
+    [("stylegan", {"latent_dim": 4, "width": 8, "mapping_layers": 2}), ("dcgan", {"width": 8})],
 )
 def test_discriminator_loss_carries_the_r1_penalty_on_real_images(family, size):
     torch.manual_seed(0)
