@@ -116,7 +116,8 @@ class AdversarialModel(GenerativeModel):
     """Base of the GAN-style families: subclasses set `generator`, `discriminator` and `objective`.
 
     `phases[0]` trains the discriminator (named "critic" by the Wasserstein families) and runs every
-    step; "generator" runs every `critic_steps`-th step.
+    step; "generator" runs every `critic_steps`-th step. `r1_gamma > 0` adds the R1 penalty
+    (Mescheder, Geiger & Nowozin, 2018) on real images to the discriminator's loss.
     """
 
     phases: ClassVar[tuple[str, ...]] = ("discriminator", "generator")
@@ -124,14 +125,19 @@ class AdversarialModel(GenerativeModel):
     generator: nn.Module
     discriminator: nn.Module
 
-    def __init__(self, image_shape: Sequence[int], *, latent_dim: int, critic_steps: int = 1):
+    def __init__(
+        self, image_shape: Sequence[int], *, latent_dim: int, critic_steps: int = 1, r1_gamma: float = 0.0
+    ):
         super().__init__(image_shape)
         if critic_steps < 1:
             raise ValueError(
-                f"{type(self).__name__}: critic steps per generator step must be >= 1, got {critic_steps}"
+                f"{self.registry_name}: critic steps per generator step must be >= 1, got {critic_steps}"
             )
+        if r1_gamma < 0:
+            raise ValueError(f"{self.registry_name}: expected r1_gamma >= 0, got r1_gamma={r1_gamma}")
         self.latent_dim = latent_dim
         self.critic_steps = critic_steps
+        self.r1_gamma = r1_gamma
 
     def make_optimizer(self, parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """Optimiser of each player; Adam with beta1 = 0.5 as DCGAN found stable for GANs."""
@@ -156,7 +162,7 @@ class AdversarialModel(GenerativeModel):
 
     def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor | None:
         """Extra term of the discriminator loss (a gradient penalty), computed in `forward` so DDP sees it."""
-        return None
+        return r1_penalty(self.discriminator, real, self.r1_gamma) if self.r1_gamma > 0 else None
 
     def forward(self, x: Tensor, phase: str) -> dict[str, Tensor]:
         if phase == self.phases[0]:

@@ -149,9 +149,10 @@ class AutoregressiveImageModel(PixelForm, DensityModel):
         mixture_components: int,
     ):
         super().__init__(image_shape)
-        name = getattr(type(self), "registry_name", type(self).__name__)
-        self.pixels = resolve_pixels(name, pixels, self.image_shape)
-        self.distribution = subpixel_distribution(name, self.pixels, output, levels, mixture_components)
+        self.pixels = resolve_pixels(self.registry_name, pixels, self.image_shape)
+        self.distribution = subpixel_distribution(
+            self.registry_name, self.pixels, output, levels, mixture_components
+        )
 
     @property
     def params_per_dim(self) -> int:
@@ -170,9 +171,8 @@ class AutoregressiveImageModel(PixelForm, DensityModel):
 
     def check_images(self, x: Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            name = getattr(type(self), "registry_name", type(self).__name__)
             raise ValueError(
-                f"model {name!r}: expected images of shape N x {' x '.join(map(str, self.image_shape))}, "
+                f"model {self.registry_name!r}: expected images of shape N x {' x '.join(map(str, self.image_shape))}, "
                 f"got {tuple(x.shape)}"
             )
 

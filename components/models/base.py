@@ -37,6 +37,12 @@ class GenerativeModel(nn.Module):
     phases: ClassVar[tuple[str, ...]] = ("model",)
     #: Every data kind the family's models can have (see `data_kind`), for the catalogue.
     data_kinds: ClassVar[tuple[DataKind, ...]] = ("continuous",)
+    #: The family's name for messages and versions: `register_model` sets it, the class name until then.
+    registry_name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.registry_name = cls.__name__
 
     def __init__(self, image_shape: Sequence[int]):
         super().__init__()
@@ -166,8 +172,7 @@ class PixelForm:
 
     @classmethod
     def data_kind_for(cls, image_shape: Sequence[int], hparams: Mapping[str, Any]) -> DataKind:
-        name = getattr(cls, "registry_name", cls.__name__)
-        return _data_kind_of(resolve_pixels(name, hparams.get("pixels"), image_shape))
+        return _data_kind_of(resolve_pixels(cls.registry_name, hparams.get("pixels"), image_shape))
 
     @property
     def data_kind(self) -> DataKind:

@@ -140,6 +140,8 @@ def test_wgan_runs_the_generator_every_n_critic_steps():
     assert generator_steps == [3, 7, 11]
     assert all(phases[0] == "critic" for phases in schedule)
     assert tuple(create_model("gan", (1, 8, 8)).phase_schedule(0)) == ("discriminator", "generator")
+    with pytest.raises(ValueError, match="wgan-gp: critic steps per generator step must be >= 1, got 0"):
+        create_model("wgan-gp", (1, 8, 8), **{**SMALL["wgan-gp"], "n_critic": 0})
 
 
 def test_wgan_clips_every_critic_weight_after_the_critic_step():

@@ -29,7 +29,6 @@ from components.models.adversarial import (
     crop_center,
     pad_center,
     power_of_two_canvas,
-    r1_penalty,
 )
 from components.models.factory import register_model
 
@@ -91,12 +90,6 @@ class DCGANDiscriminator(nn.Module):
 @register_model("dcgan")
 class DCGAN(AdversarialModel):
     def __init__(self, image_shape, *, latent_dim: int = 32, width: int = 64, r1_gamma: float = 0.0):
-        super().__init__(image_shape, latent_dim=latent_dim)
-        if r1_gamma < 0:
-            raise ValueError(f"dcgan: expected r1_gamma >= 0, got r1_gamma={r1_gamma}")
-        self.r1_gamma = r1_gamma
+        super().__init__(image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma)
         self.generator = DCGANGenerator(self.image_shape, latent_dim, width)
         self.discriminator = DCGANDiscriminator(self.image_shape, width)
-
-    def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor | None:
-        return r1_penalty(self.discriminator, real, self.r1_gamma) if self.r1_gamma > 0 else None

@@ -38,7 +38,6 @@ from components.models.adversarial import (
     crop_center,
     pad_center,
     power_of_two_canvas,
-    r1_penalty,
     standard_normal,
 )
 from components.models.factory import register_model
@@ -219,13 +218,10 @@ class StyleGAN(AdversarialModel):
         mixing_prob: float = 0.9,
         r1_gamma: float = 1.0,
     ):
-        super().__init__(image_shape, latent_dim=latent_dim)
-        if not 0.0 <= mixing_prob <= 1.0 or r1_gamma < 0:
-            raise ValueError(
-                f"stylegan: expected mixing_prob in [0, 1] and r1_gamma >= 0, "
-                f"got mixing_prob={mixing_prob}, r1_gamma={r1_gamma}"
-            )
-        self.mixing_prob, self.r1_gamma = mixing_prob, r1_gamma
+        super().__init__(image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma)
+        if not 0.0 <= mixing_prob <= 1.0:
+            raise ValueError(f"stylegan: expected mixing_prob in [0, 1], got mixing_prob={mixing_prob}")
+        self.mixing_prob = mixing_prob
         self.generator = StyleGenerator(self.image_shape, latent_dim, width, mapping_layers)
         self.discriminator = StyleDiscriminator(self.image_shape, width)
 
@@ -247,6 +243,3 @@ class StyleGAN(AdversarialModel):
         unmixed = torch.rand(n, generator=generator, device=source).to(self.device) >= self.mixing_prob
         crossover = crossover.masked_fill(unmixed, num_ws)  # num_ws: every layer takes the first code
         return self.generator.synthesis(self.mixed_ws(z, other, crossover), generator)
-
-    def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor | None:
-        return r1_penalty(self.discriminator, real, self.r1_gamma) if self.r1_gamma > 0 else None
