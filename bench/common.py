@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,11 @@ import torch
 from components.data.importers import BUILTINS, builtin_dataset, read_dataset
 from components.data.prepared import PreparedData, load_prepared, prepare
 from components.data.raw import DataError, RawDataset, write_raw
+from components.training.trainer import TrainProgress
+from flows.progress import stage_line, training_summary
 
 ANALYSIS_HEADING = "## Analysis"
+PROGRESS_EVERY_S = 60.0
 
 
 def data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +60,20 @@ def prepared_in(work: Path, raw: RawDataset) -> PreparedData:
     write_raw(raw, work / "raw")
     prepare(work / "raw", work / "prepared", 0.1, 0.2, 0)
     return load_prepared(work / "prepared")
+
+
+def printed_progress(model: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[TrainProgress], None]:
+    """An `on_progress` for `LocalContext` that prints where `model`'s training is, as `genpipe run`'s
+    plain lines do, at once and then at most every `every_s` seconds: a run of hours says how far it got."""
+    printed_at = -math.inf
+
+    def show(update: TrainProgress) -> None:
+        nonlocal printed_at
+        if time.monotonic() - printed_at >= every_s:
+            printed_at = time.monotonic()
+            print(stage_line(model, "training", training_summary(update)), flush=True)
+
+    return show
 
 
 def results_arguments(parser: argparse.ArgumentParser, default: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import data_arguments, load_data, machine, publish, results_arguments
+from common import data_arguments, load_data, machine, printed_progress, publish, results_arguments
 
 from components.data.prepared import SPLITS, PreparedData, Split
 from components.models import DensityModel, LatentVariableModel, bits_per_dim, create_model
@@ -184,7 +184,9 @@ def run_one(name: str, hparams: dict, data: PreparedData, args, seed: int, out: 
     )
     start = time.perf_counter()
     kind = create_model(name, data.image_shape, **hparams).data_kind
-    run_training(job, data.train.images, data.val.for_kind(kind), LocalContext(out))
+    run_training(
+        job, data.train.images, data.val.for_kind(kind), LocalContext(out, on_progress=printed_progress(name))
+    )
     train_seconds = time.perf_counter() - start
     model = load_model_dir(out)
     nll, bound = test_nll(model, torch.from_numpy(data.test.for_kind(kind)))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import data_arguments, load_data, machine, publish, results_arguments
+from common import data_arguments, load_data, machine, printed_progress, publish, results_arguments
 
 from components.config import load_params
 from components.data.prepared import PreparedData
@@ -136,7 +136,9 @@ def run_one(
     )
     out = models / f"{data.name}-{run_label(name, args)}"
     start = time.perf_counter()
-    run_training(job, data.train.images, data.val.for_kind(kind), LocalContext(out))
+    run_training(
+        job, data.train.images, data.val.for_kind(kind), LocalContext(out, on_progress=printed_progress(name))
+    )
     train_seconds = time.perf_counter() - start
     outcome = read_outcome(out)
     epochs_now = sum(1 for epoch in outcome.history if epoch["step"] > outcome.resumed_from_step)
