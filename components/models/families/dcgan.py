@@ -10,9 +10,9 @@ non-saturating GAN objective and Adam(beta1 = 0.5).
 Not in the paper: the R1 penalty (Mescheder, Geiger & Nowozin, 2018), (gamma / 2) E||grad D(x)||^2 on
 real images, with `r1_gamma` 1 by default (0 is the paper's DCGAN). Without it, on the built-in
 3 x 32 x 32 shapes the discriminator wins early and the generator collapses to a few blobs (FID 28.7
-after 30 epochs); with gamma = 1 it keeps drawing varied objects (FID 5.6 after 20 epochs and 2.8
-after 80, same featurizer), and on the 8 x 8 digits it does no harm. See in bench/:
-RESULTS-sample-quality-shapes-dcgan30.md, RESULTS-sample-quality-shapes-dcgan-r1_gamma1-80.md and
+after 30 epochs); with gamma = 1 it keeps drawing varied objects (FID 5.6 after 20 epochs, 2.8
+after 80 and 1.5 after 173, same featurizer), and on the 8 x 8 digits it does no harm. See in bench/:
+RESULTS-sample-quality-shapes-dcgan30.md, RESULTS-sample-quality-shapes-dcgan-r1_gamma1-173.md and
 RESULTS-sample-quality-digits-dcgan-r1.md.
 
 The players work on a square power-of-two canvas (at least 8 x 8): the generator draws on it and
