@@ -36,6 +36,7 @@ import yaml
 from common import data_arguments, load_data, machine, printed_progress, publish, results_arguments
 
 from components.config import load_params
+from components.data.importers import SHAPES_SIZE
 from components.data.prepared import PreparedData
 from components.evaluation.evaluate import EvaluationSettings, evaluate_model, feature_extractor
 from components.evaluation.featurizer import train_featurizer
@@ -106,12 +107,16 @@ def hyperparameter(setting: str) -> tuple[str, object]:
 
 
 def run_label(name: str, args: argparse.Namespace) -> str:
-    """`name`, the hyper-parameters set in place of the family's defaults and a learning rate other
-    than the default: what names a kept model and its grids, so runs of one family with other settings
-    neither overwrite nor continue each other."""
+    """`name`, the hyper-parameters set in place of the family's defaults, a learning rate other than
+    the default and an image count other than the data's own: what names a kept model and its grids,
+    so runs of one family with other settings neither overwrite nor continue each other."""
     settings = sorted(args.hparams.items())
     if args.lr != DEFAULT_LR:
         settings.append(("lr", args.lr))
+    if args.size not in (None, SHAPES_SIZE):
+        settings.append(("size", args.size))
+    if args.max_images is not None:
+        settings.append(("max_images", args.max_images))
     return name + "".join(f"-{key}{value}" for key, value in settings)
 
 
