@@ -61,6 +61,9 @@ class Wasserstein:
         return -fake.mean()
 
 
+# Eager even inside a torch.compile'd model: a penalty on this norm needs a double backward through the
+# critic, which compiled graphs (aot_autograd) do not support.
+@torch.compiler.disable
 def input_gradient_norm(critic: Critic, points: Tensor) -> Tensor:
     """||d critic(x) / dx|| at each point, shape N, differentiable so a penalty on it trains the critic."""
     points = points.detach().requires_grad_(True)

@@ -115,7 +115,8 @@ def test_a_diverging_epoch_is_reported_not_sampled_from(digits, tmp_path):
 def test_the_gpu_settings_train_on_cpu_bf16_compiled_with_a_short_last_batch(digits, tmp_path):
     # bf16 autocast and torch.compile are what a GPU run uses; both run on CPU too. The last batch
     # of an epoch is smaller (1,257 images in batches of 256), so the compiled graph meets a second
-    # batch size, which once broke drawing a GAN's noise under torch.compile.
+    # batch size, which once broke drawing a GAN's noise under torch.compile. DCGAN's R1 penalty needs
+    # a double backward, which compiled graphs cannot do: the penalty must run eagerly.
     spec = create_model("dcgan", digits.image_shape, latent_dim=8, width=8).spec
     job = cpu_job(spec, epochs=1, batch_size=256, lr=1e-3, precision="bf16", compile=True)
     outcome, model = train(digits, job, tmp_path / "compiled")
