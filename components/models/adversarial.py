@@ -13,7 +13,8 @@ trainer then throws away because only the generator's optimiser steps. Data in [
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar, Protocol
 
 import torch
@@ -77,6 +78,22 @@ def gradient_penalty(critic: Critic, real: Tensor, fake: Tensor, weight: float =
     mix = torch.rand(len(real), *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     between = mix * real.detach() + (1 - mix) * fake.detach().to(real.dtype)
     return weight * (input_gradient_norm(critic, between) - 1).pow(2).mean()
+
+
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Inside, `module`'s batch-norm layers normalise each batch by its own statistics, as in training,
+    and leave their running statistics (what evaluation mode uses) as they were."""
+    norms = [m for m in module.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    for norm in norms:
+        # Training mode without tracking: batch statistics, and no update of the running ones.
+        norm.training, norm.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for norm, (training, tracking) in zip(norms, saved, strict=True):
+            norm.training, norm.track_running_stats = training, tracking
 
 
 def r1_penalty(critic: Critic, real: Tensor, gamma: float) -> Tensor:
@@ -187,13 +204,16 @@ class AdversarialModel(GenerativeModel):
         )
 
     def validation_metrics(self, x: Tensor) -> dict[str, Tensor]:
-        """The objective's scores on held-out images and on the samples of `VALIDATION_FAKES` fixed
-        latents (the same for every batch of held-out images, so batch means combine into the split's):
-        a discriminator that rates validation images far below training images is memorising them."""
-        fake = self.discriminator(
-            self.generate(VALIDATION_FAKES, torch.Generator(self.device).manual_seed(0))
-        )
-        _, metrics = self.objective.discriminator_loss(self.discriminator(2 * x - 1), fake)
+        """The objective's scores on held-out images and on the model's samples from `VALIDATION_FAKES`
+        fixed latents (the same for every batch of held-out images, so batch means combine into the
+        split's): a discriminator that rates validation images far below training images is memorising
+        them. It scores them as it scores training batches, with batch statistics in any batch norm, so
+        the two compare; evaluation mode's running statistics would shift the held-out scores alone."""
+        fake = self.generate(VALIDATION_FAKES, torch.Generator(self.device).manual_seed(0))
+        with batch_statistics(self.discriminator):
+            _, metrics = self.objective.discriminator_loss(
+                self.discriminator(2 * x - 1), self.discriminator(fake)
+            )
         return {f"val_{k}": v for k, v in metrics.items()}
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -266,3 +267,20 @@ def test_discriminator_loss_carries_the_r1_penalty_on_real_images(family, size):
 def test_stylegan_refuses_a_mixing_probability_outside_0_1():
     with pytest.raises(ValueError, match="mixing_prob in \\[0, 1\\]"):
         create_model("stylegan", (3, 16, 16), mixing_prob=1.5)
+
+
+def test_held_out_images_are_scored_as_training_scores_its_batches():
+    torch.manual_seed(0)
+    model = create_model("dcgan", (3, 16, 16), latent_dim=4, width=8)
+    x = torch.rand(32, 3, 16, 16)
+    for _ in range(3):  # training-mode passes move the running statistics away from batch ones
+        model(x, "discriminator")
+    in_training = copy.deepcopy(model)(x, "discriminator")["d_real"]
+    model.eval()
+    before = copy.deepcopy(model.discriminator.state_dict())
+    with torch.no_grad():
+        held_out = model.validation_metrics(x)["val_d_real"]
+    assert held_out.item() == pytest.approx(in_training.item(), rel=1e-5)
+    after = model.discriminator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m.training for m in model.discriminator.modules())
