@@ -397,7 +397,12 @@ def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[in
     load_weights(model, directory, ctx.device)
     state = torch.load(directory / STATE_FILE, map_location=ctx.device, weights_only=True)
     for name, optimizer in optimizers.items():
+        # The job's learning rates win over the saved ones, so a continued run may change the rate;
+        # the optimiser's moments carry over.
+        rates = [group["lr"] for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizers"][name])
+        for group, lr in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = lr
     if ctx.rank == 0:
         torch.set_rng_state(state["rng"].cpu())  # a single worker continues exactly where it stopped
     record = json.loads((directory / HISTORY_FILE).read_text())

@@ -51,6 +51,16 @@ def test_training_resumes_from_its_checkpoint(digits, tmp_path):
     assert resumed.resumed_from_step == steps_per_epoch and short.resumed_from_step == 0
 
 
+def test_a_continued_run_trains_at_its_own_learning_rate(digits, tmp_path):
+    spec = create_model("vae", digits.image_shape, latent_dim=4, channels=8, hidden=32).spec
+    train(digits, cpu_job(spec, epochs=1, batch_size=128, lr=1e-3), tmp_path / "run")
+    after_one = load_model_dir(tmp_path / "run").state_dict()
+    # At rate 0 the second epoch leaves every weight where the first left it, Adam's moments or not.
+    _, continued = train(digits, cpu_job(spec, epochs=2, batch_size=128, lr=0.0), tmp_path / "run")
+    for name, weights in continued.state_dict().items():
+        assert torch.equal(weights, after_one[name]), name
+
+
 def test_unknown_model_and_hyperparameter_are_named():
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model("nope", (1, 8, 8))
