@@ -25,6 +25,7 @@ from components.models.base import GenerativeModel
 
 Critic = Callable[[Tensor], Tensor]
 VALIDATION_FAKES = 256  # generated images the per-epoch validation scores against held-out ones
+LAZY_R1_PHASE = "r1"  # the discriminator's own step for the R1 penalty alone, when it is lazy
 
 
 class Objective(Protocol):
@@ -137,7 +138,10 @@ class AdversarialModel(GenerativeModel):
 
     `phases[0]` trains the discriminator (named "critic" by the Wasserstein families) and runs every
     step; "generator" runs every `critic_steps`-th step. `r1_gamma > 0` adds the R1 penalty
-    (Mescheder, Geiger & Nowozin, 2018) on real images to the discriminator's loss.
+    (Mescheder, Geiger & Nowozin, 2018) on real images to the discriminator's loss. With `r1_every`
+    k > 1 the penalty is lazy, as in StyleGAN2 (Karras et al. 2020): a phase of its own ("r1") steps
+    the discriminator's optimiser on k times the penalty every k-th step, so the double backward it
+    needs costs 1/k as much.
     """
 
     phases: ClassVar[tuple[str, ...]] = ("discriminator", "generator")
@@ -146,7 +150,13 @@ class AdversarialModel(GenerativeModel):
     discriminator: nn.Module
 
     def __init__(
-        self, image_shape: Sequence[int], *, latent_dim: int, critic_steps: int = 1, r1_gamma: float = 0.0
+        self,
+        image_shape: Sequence[int],
+        *,
+        latent_dim: int,
+        critic_steps: int = 1,
+        r1_gamma: float = 0.0,
+        r1_every: int = 1,
     ):
         super().__init__(image_shape)
         if critic_steps < 1:
@@ -155,23 +165,35 @@ class AdversarialModel(GenerativeModel):
             )
         if r1_gamma < 0:
             raise ValueError(f"{self.registry_name}: expected r1_gamma >= 0, got r1_gamma={r1_gamma}")
+        if r1_every < 1:
+            raise ValueError(f"{self.registry_name}: expected r1_every >= 1, got r1_every={r1_every}")
         self.latent_dim = latent_dim
         self.critic_steps = critic_steps
         self.r1_gamma = r1_gamma
+        self.r1_every = r1_every
+        self.lazy_r1 = r1_gamma > 0 and r1_every > 1
+        if self.lazy_r1:  # this model's own phases: the class's, and the penalty's
+            self.phases = (*type(self).phases, LAZY_R1_PHASE)
 
     def make_optimizer(self, parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """Optimiser of each player; Adam with beta1 = 0.5 as DCGAN found stable for GANs."""
         return torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.999))
 
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
-        critic, _ = self.phases
-        return {
+        critic = self.phases[0]
+        optimizers = {
             critic: self.make_optimizer(self.discriminator.parameters(), lr),
             "generator": self.make_optimizer(self.generator.parameters(), lr),
         }
+        if self.lazy_r1:  # the penalty steps the discriminator's own optimiser, as StyleGAN2 does
+            optimizers[LAZY_R1_PHASE] = optimizers[critic]
+        return optimizers
 
     def phase_schedule(self, step: int) -> Sequence[str]:
-        return self.phases if (step + 1) % self.critic_steps == 0 else self.phases[:1]
+        players = self.phases[:2] if (step + 1) % self.critic_steps == 0 else self.phases[:1]
+        if self.lazy_r1 and step % self.r1_every == 0:
+            return (*players, LAZY_R1_PHASE)
+        return players
 
     def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return standard_normal((n, self.latent_dim), generator, self.device)
@@ -182,7 +204,9 @@ class AdversarialModel(GenerativeModel):
 
     def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor | None:
         """Extra term of the discriminator loss (a gradient penalty), computed in `forward` so DDP sees it."""
-        return r1_penalty(self.discriminator, real, self.r1_gamma) if self.r1_gamma > 0 else None
+        if self.r1_gamma > 0 and not self.lazy_r1:
+            return r1_penalty(self.discriminator, real, self.r1_gamma)
+        return None
 
     def forward(self, x: Tensor, phase: str) -> dict[str, Tensor]:
         if phase == self.phases[0]:
@@ -199,6 +223,10 @@ class AdversarialModel(GenerativeModel):
             return {"loss": loss, **{k: v.detach() for k, v in metrics.items()}}
         if phase == "generator":
             return {"loss": self.objective.generator_loss(self.discriminator(self.generate(len(x))))}
+        if phase == LAZY_R1_PHASE and self.lazy_r1:
+            # k times the penalty every k-th step: on average the penalty of every step.
+            penalty = r1_penalty(self.discriminator, 2 * x - 1, self.r1_gamma)
+            return {"loss": self.r1_every * penalty, "penalty": penalty.detach()}
         raise ValueError(
             f"{type(self).__name__}.forward: unknown phase {phase!r}, expected one of {self.phases}"
         )

@@ -79,7 +79,8 @@ class GenerativeModel(nn.Module):
         return next(self.parameters()).device
 
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
-        """One optimiser per phase; `lr` is the pipeline's learning rate, families may scale it."""
+        """The optimiser of each phase (phases may share one); `lr` is the pipeline's learning rate, families
+        may scale it."""
         return {"model": torch.optim.Adam(self.parameters(), lr=lr)}
 
     def phase_schedule(self, step: int) -> Sequence[str]:

@@ -175,13 +175,14 @@ def run_training(
     if conv_layout:
         model = model.to(memory_format=torch.channels_last)
     optimizers = model.configure_optimizers(job.lr)
+    saved_optimizers = _each_once(optimizers)
     autocast_dtype = resolve_precision(job.precision, ctx.device)
     step, start_epoch, record = 0, 0, {"history": [], "resumed_from_step": 0}
     progress: dict[int, np.ndarray] = {}
     seed_everything(job.seed + 7919 * (ctx.rank + 1))  # ranks draw different noise
     with ctx.restored_checkpoint() as restored:
         if restored is not None:
-            step, start_epoch, record, progress = _restore(restored, model, optimizers, ctx)
+            step, start_epoch, record, progress = _restore(restored, model, saved_optimizers, ctx)
             record["resumed_from_step"] = step
             if ctx.rank != 0:  # only rank 0's random stream is saved; the others re-derive theirs
                 seed_everything(job.seed + 7919 * (ctx.rank + 1) + step)
@@ -237,7 +238,7 @@ def run_training(
             # One due on the epoch's last batch waits for the epoch's metrics (below): saved here, a
             # resume would find the epoch done but not in the history, and lose its training metrics.
             if job.checkpoint_due(step) and batch_index + 1 < steps_per_epoch:
-                _checkpoint(ctx, model, optimizers, step, epoch, record, progress, {"step": step})
+                _checkpoint(ctx, model, saved_optimizers, step, epoch, record, progress, {"step": step})
         metrics = _epoch_metrics(sums, counts, ctx)
         # Every rank sees the same all-reduced training metrics, so all of them stop together.
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
@@ -255,14 +256,14 @@ def run_training(
         # Only checkpoints are reported: Ray Train V2 keeps just the metrics that come with one, and every
         # report costs a wait for the controller's next poll.
         if job.checkpoint_due(step):
-            _checkpoint(ctx, model, optimizers, step, epoch + 1, record, progress, metrics)
+            _checkpoint(ctx, model, saved_optimizers, step, epoch + 1, record, progress, metrics)
 
     pacer.finished(step)
     model.eval()
     if ctx.rank == 0 and diverged is None:
         model.fit_after_training(batches.whole_split())
     final = {"step": step, "diverged": 1.0 if diverged else 0.0}
-    _checkpoint(ctx, model, optimizers, step, job.epochs, record, progress, final, reason=diverged)
+    _checkpoint(ctx, model, saved_optimizers, step, job.epochs, record, progress, final, reason=diverged)
 
 
 def _validation_batches(
@@ -391,6 +392,15 @@ def _checkpoint(
             directory / PROGRESS_SAMPLES_FILE, **{f"epoch_{e}": a for e, a in progress.items()}
         )
         ctx.report(metrics, directory)
+
+
+def _each_once(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.optim.Optimizer]:
+    """Each optimiser once, under the first phase that names it: phases may share one (a lazy
+    penalty steps its player's), and a checkpoint holds its state once."""
+    first: dict[int, tuple[str, torch.optim.Optimizer]] = {}
+    for name, optimizer in optimizers.items():
+        first.setdefault(id(optimizer), (name, optimizer))
+    return dict(first.values())
 
 
 def _restore(directory: Path, model, optimizers, ctx: WorkerContext) -> tuple[int, int, dict, dict]:

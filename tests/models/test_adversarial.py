@@ -284,3 +284,40 @@ def test_held_out_images_are_scored_as_training_scores_its_batches():
     after = model.discriminator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m.training for m in model.discriminator.modules())
+
+
+def test_a_lazy_r1_penalty_is_a_discriminator_step_of_k_times_its_weight_every_kth_step(
+    digits: PreparedData, tmp_path: Path
+):
+    torch.manual_seed(0)
+    lazy = {"latent_dim": 4, "width": 8, "r1_gamma": 2.0, "r1_every": 4}
+    model = create_model("dcgan", (3, 16, 16), **lazy)
+    assert [step for step in range(12) if "r1" in model.phase_schedule(step)] == [0, 4, 8]
+    optimizers = model.configure_optimizers(1e-3)
+    assert optimizers["r1"] is optimizers["discriminator"]  # one Adam state for the discriminator
+    x = torch.rand(6, 3, 16, 16)
+    assert "penalty" not in model(x, "discriminator")
+    expected = r1_penalty(model.discriminator, 2 * x - 1, gamma=2.0).item()
+    generator_before, discriminator_before = snapshot(model.generator), snapshot(model.discriminator)
+    outputs = trainer_step(model, model, optimizers, x, "r1")
+    assert outputs["loss"].item() == pytest.approx(4 * expected, rel=1e-5) and expected > 0
+    assert outputs["penalty"].item() == pytest.approx(expected, rel=1e-5)
+    assert unchanged(model.generator, generator_before) and not unchanged(
+        model.discriminator, discriminator_before
+    )
+    with pytest.raises(ValueError, match="dcgan: expected r1_every >= 1, got r1_every=0"):
+        create_model("dcgan", (3, 16, 16), r1_every=0)
+
+    # Through the trainer: 12 steps step the discriminator's optimiser 12 times plus 3 for the penalty.
+    spec = create_model("dcgan", digits.image_shape, **lazy).spec
+    run_training(
+        cpu_job(spec, epochs=2, batch_size=32, lr=1e-3),
+        digits.train.images[:192],
+        digits.val.images,
+        LocalContext(tmp_path),
+    )
+    history = read_outcome(tmp_path).history
+    assert all(math.isfinite(epoch["r1_loss"]) and epoch["penalty"] > 0 for epoch in history)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)["optimizers"]
+    assert state.keys() == {"discriminator", "generator"}  # the shared optimiser saved once
+    assert max(int(s["step"]) for s in state["discriminator"]["state"].values()) == 15

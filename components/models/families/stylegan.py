@@ -217,8 +217,9 @@ class StyleGAN(AdversarialModel):
         mapping_layers: int = 4,
         mixing_prob: float = 0.9,
         r1_gamma: float = 1.0,
+        r1_every: int = 1,
     ):
-        super().__init__(image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma)
+        super().__init__(image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma, r1_every=r1_every)
         if not 0.0 <= mixing_prob <= 1.0:
             raise ValueError(f"stylegan: expected mixing_prob in [0, 1], got mixing_prob={mixing_prob}")
         self.mixing_prob = mixing_prob
