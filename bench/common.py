@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from components.data.importers import BUILTINS, builtin_dataset, read_dataset
 from components.data.prepared import PreparedData, load_prepared, prepare
@@ -74,6 +75,14 @@ def printed_progress(model: str, every_s: float = PROGRESS_EVERY_S) -> Callable[
             print(stage_line(model, "training", training_summary(update)), flush=True)
 
     return show
+
+
+def hyperparameter(setting: str) -> tuple[str, object]:
+    """`--hparam KEY=VALUE`: the value read as YAML, so numbers and booleans keep their type."""
+    key, sep, value = setting.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{setting!r}: expected KEY=VALUE, e.g. n_critic=2")
+    return key, yaml.safe_load(value)
 
 
 def results_arguments(parser: argparse.ArgumentParser, default: Path) -> None:

@@ -32,8 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from common import data_arguments, load_data, machine, printed_progress, publish, results_arguments
+from common import (
+    data_arguments,
+    hyperparameter,
+    load_data,
+    machine,
+    printed_progress,
+    publish,
+    results_arguments,
+)
 
 from components.config import load_params
 from components.data.importers import SHAPES_SIZE
@@ -96,14 +103,6 @@ def real_grid(data: PreparedData, data_kind: str, grids: Path) -> str:
     if not path.exists():
         save_grid(torch.from_numpy(data.test.for_kind(data_kind)[:64]), path)
     return path.name
-
-
-def hyperparameter(setting: str) -> tuple[str, object]:
-    """`--hparam KEY=VALUE`: the value read as YAML, so numbers and booleans keep their type."""
-    key, sep, value = setting.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{setting!r}: expected KEY=VALUE, e.g. n_critic=2")
-    return key, yaml.safe_load(value)
 
 
 def run_label(name: str, args: argparse.Namespace) -> str:

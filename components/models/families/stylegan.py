@@ -17,9 +17,12 @@ Also from the papers:
 - the "skip" generator of StyleGAN2: every block has a 1 x 1 "to image" layer and the image is the
   sum of their upsampled outputs, so coarse blocks draw the coarse image;
 - a residual discriminator with the minibatch standard deviation feature (Karras et al., 2018),
-  the non-saturating GAN loss and the R1 penalty (gamma / 2) E||grad D(x)||^2 on real images.
+  the non-saturating GAN loss and the R1 penalty (gamma / 2) E||grad D(x)||^2 on real images,
+  lazy as in StyleGAN2 (`r1_every` 16: a discriminator step of 16 times the penalty every 16th
+  step; a step then costs what one without the penalty does, where a penalty at every step makes
+  it 1.4 times as long: bench/RESULTS-step-time-stylegan-r1.md).
 Left out: progressive growing (the skip generator made it unnecessary), equalised learning rate
-(He initialisation instead), lazy regularisation, path-length regularisation and truncation. The
+(He initialisation instead), path-length regularisation and truncation. The
 "to image" outputs are linear rather than a tanh (which saturated and stalled training); samples are
 clamped. Both players work on a power-of-two canvas of at least 8 x 8: the generator's output is
 cropped to the data's size from its centre, and the discriminator pads images back onto it.
@@ -217,7 +220,7 @@ class StyleGAN(AdversarialModel):
         mapping_layers: int = 4,
         mixing_prob: float = 0.9,
         r1_gamma: float = 1.0,
-        r1_every: int = 1,
+        r1_every: int = 16,
     ):
         super().__init__(image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma, r1_every=r1_every)
         if not 0.0 <= mixing_prob <= 1.0:
