@@ -16,6 +16,7 @@ options must be the ones it trained on, so the splits are the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from components.models.model_dir import load_model_dir
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS-discriminator-gap.md"
-MODES = {"batch statistics": batch_statistics, "evaluation mode": lambda _: torch.no_grad()}
+MODES = {"batch statistics": batch_statistics, "evaluation mode": lambda _: contextlib.nullcontext()}
 
 
 def scores(model: AdversarialModel, real: torch.Tensor, fake: torch.Tensor, mode: str) -> dict[str, float]:
