@@ -17,7 +17,8 @@ RESULTS-sample-quality-digits-dcgan-r1.md (those runs put the penalty in every s
 a discriminator step of 16 times the penalty every 16th step; 1 puts it in every step): a step then
 costs what one without the penalty does, 0.58 s against 0.87 at 3 x 32 x 32
 (RESULTS-step-time-dcgan-r1.md), and 20 epochs on the shapes reached FID 4.8 against 5.6
-(RESULTS-sample-quality-shapes-dcgan-r1_every16-20.md).
+(RESULTS-sample-quality-shapes-dcgan-r1_every16-20.md); continued from 173 epochs it drew more
+nameable shapes than the penalty at every step (RESULTS-sample-quality-shapes-dcgan-r1_every16-260.md).
 
 The players work on a square power-of-two canvas (at least 8 x 8): the generator draws on it and
 its centre is cropped to the data's size; the discriminator pads images back onto the canvas with
