@@ -171,9 +171,13 @@ class AdversarialModel(GenerativeModel):
         self.critic_steps = critic_steps
         self.r1_gamma = r1_gamma
         self.r1_every = r1_every
-        self.lazy_r1 = r1_gamma > 0 and r1_every > 1
         if self.lazy_r1:  # this model's own phases: the class's, and the penalty's
             self.phases = (*type(self).phases, LAZY_R1_PHASE)
+
+    @property
+    def lazy_r1(self) -> bool:
+        """Whether the R1 penalty takes a step of its own every `r1_every`-th step."""
+        return self.r1_gamma > 0 and self.r1_every > 1
 
     def make_optimizer(self, parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """Optimiser of each player; Adam with beta1 = 0.5 as DCGAN found stable for GANs."""
