@@ -14,6 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from components.source import parse_file
+
 FAMILIES_PACKAGE = "components.models.families"
 # Found by path, not by import: importing any module of `components.models` imports torch.
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ class _Class:
 @cache
 def _module_tree(module: str) -> ast.Module:
     path = SOURCE_ROOT / f"{module.replace('.', '/')}.py"
-    return ast.parse(path.read_text(), filename=str(path))
+    return parse_file(path)
 
 
 def _class(module: str, name: str) -> _Class:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
+from components.source import parse_file
 
 PACKAGES = ("torch", "ray", "mlflow", "prefect", "dvc", "torchmetrics", "numpy")
 CODE_PACKAGE = "components"
@@ -79,7 +80,7 @@ def _imported_modules(module: str, path: Path, root: Path) -> set[str]:
     """Project modules that `module` (source at `path`) imports, anywhere in the file, by name."""
     is_package = path.name == "__init__.py"
     found = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+    for node in ast.walk(parse_file(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -164,3 +168,31 @@ def test_the_closure_follows_absolute_relative_and_module_imports(tmp_path: Path
     ]
     with pytest.raises(ValueError, match="components.missing: no such module"):
         code_closure(["components.missing"], tmp_path)
+
+
+def test_families_fingerprinted_from_several_threads_never_parse_at_once(params, monkeypatch):
+    # CPython 3.11's `ast.parse` can fail when two threads parse at once (components/source.py), and
+    # Prefect fingerprints a flow's families in task threads: parses must take turns.
+    parse = ast.parse
+    in_flight = []
+    most_at_once = 0
+    guard = threading.Lock()
+
+    def slow_parse(*args, **kwargs):
+        nonlocal most_at_once
+        with guard:
+            in_flight.append(None)
+            most_at_once = max(most_at_once, len(in_flight))
+        time.sleep(0.002)  # room for another thread to enter, were it allowed to
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            with guard:
+                in_flight.pop()
+
+    monkeypatch.setattr(ast, "parse", slow_parse)
+    with ThreadPoolExecutor(max_workers=len(FAMILIES)) as pool:
+        fingerprints = list(pool.map(lambda family: inputs(params, CODE_ROOT, family), FAMILIES))
+
+    assert most_at_once == 1
+    assert fingerprints == [inputs(params, CODE_ROOT, family) for family in FAMILIES]
