@@ -20,6 +20,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel
 
 from components.models.base import GenerativeModel
 
@@ -134,14 +135,17 @@ def pad_center(images: Tensor, size: int) -> Tensor:
 
 
 class AdversarialModel(GenerativeModel):
-    """Base of the GAN-style families: subclasses set `generator`, `discriminator` and `objective`.
+    """Base of the GAN-style families: subclasses call `set_players` and may choose the `objective`.
 
     `phases[0]` trains the discriminator (named "critic" by the Wasserstein families) and runs every
     step; "generator" runs every `critic_steps`-th step. `r1_gamma > 0` adds the R1 penalty
     (Mescheder, Geiger & Nowozin, 2018) on real images to the discriminator's loss. With `r1_every`
     k > 1 the penalty is lazy, as in StyleGAN2 (Karras et al. 2020): a phase of its own ("r1") steps
     the discriminator's optimiser on k times the penalty every k-th step, so the double backward it
-    needs costs 1/k as much.
+    needs costs 1/k as much. With `ema_decay` > 0, `sample` draws from an exponential moving average
+    of the generator's weights and buffers (Karras et al. 2018; Yazici et al. 2019), updated after
+    each generator step; the average of the first steps follows the generator more closely
+    (decay (1 + n) / (10 + n) after n updates, until that exceeds `ema_decay`).
     """
 
     phases: ClassVar[tuple[str, ...]] = ("discriminator", "generator")
@@ -157,6 +161,7 @@ class AdversarialModel(GenerativeModel):
         critic_steps: int = 1,
         r1_gamma: float = 0.0,
         r1_every: int = 1,
+        ema_decay: float = 0.0,
     ):
         super().__init__(image_shape)
         if critic_steps < 1:
@@ -167,12 +172,49 @@ class AdversarialModel(GenerativeModel):
             raise ValueError(f"{self.registry_name}: expected r1_gamma >= 0, got r1_gamma={r1_gamma}")
         if r1_every < 1:
             raise ValueError(f"{self.registry_name}: expected r1_every >= 1, got r1_every={r1_every}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"{self.registry_name}: expected ema_decay in [0, 1), got ema_decay={ema_decay}")
         self.latent_dim = latent_dim
         self.critic_steps = critic_steps
         self.r1_gamma = r1_gamma
         self.r1_every = r1_every
         if self.lazy_r1:  # this model's own phases: the class's, and the penalty's
             self.phases = (*type(self).phases, LAZY_R1_PHASE)
+        self.ema_decay = ema_decay
+        self.register_load_state_dict_pre_hook(self._average_from_generator)
+
+    def set_players(self, generator: nn.Module, discriminator: nn.Module) -> None:
+        """The two networks; with `ema_decay` > 0 also the generator's average, starting as a copy."""
+        self.generator = generator
+        self.discriminator = discriminator
+        if self.ema_decay > 0:
+            self.generator_average = AveragedModel(
+                generator, multi_avg_fn=self._moving_average, use_buffers=True
+            ).requires_grad_(False)
+
+    def _moving_average(self, averages: list[Tensor], currents: list[Tensor], updates: Tensor) -> None:
+        """One update of tensors of one dtype and device (`AveragedModel` groups them so)."""
+        if not averages[0].is_floating_point():  # batch norm's step counters: copied, not averaged
+            torch._foreach_copy_(averages, currents)
+            return
+        decay = min(self.ema_decay, (1 + updates.item()) / (10 + updates.item()))
+        torch._foreach_lerp_(averages, currents, 1 - decay)
+
+    def _average_from_generator(self, module, state_dict, prefix, *args) -> None:
+        """Weights saved without an average (with `ema_decay` 0, or before it existed) load with the
+        average starting at their generator, so the model samples as it did and averages from there."""
+        average, generator = f"{prefix}generator_average.", f"{prefix}generator."
+        if self.ema_decay == 0 or any(key.startswith(average) for key in state_dict):
+            return
+        for key, value in list(state_dict.items()):
+            if key.startswith(generator):
+                state_dict[f"{average}module.{key.removeprefix(generator)}"] = value
+        state_dict[f"{average}n_averaged"] = torch.tensor(1)
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The network `sample` draws from: the generator's average where there is one."""
+        return self.generator_average.module if self.ema_decay > 0 else self.generator
 
     @property
     def lazy_r1(self) -> bool:
@@ -199,12 +241,20 @@ class AdversarialModel(GenerativeModel):
             return (*players, LAZY_R1_PHASE)
         return players
 
+    @torch.no_grad()
+    def after_optimizer_step(self, phase: str) -> None:
+        if phase == "generator" and self.ema_decay > 0:
+            self.generator_average.update_parameters(self.generator)
+
     def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return standard_normal((n, self.latent_dim), generator, self.device)
 
-    def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """`n` generated images on the [-1, 1] scale, with gradients if enabled."""
-        return self.generator(self.prior(n, generator))
+    def generate(
+        self, n: int, generator: torch.Generator | None = None, network: nn.Module | None = None
+    ) -> Tensor:
+        """`n` images from `network` (the generator unless given) on the [-1, 1] scale, with gradients if
+        enabled."""
+        return (self.generator if network is None else network)(self.prior(n, generator))
 
     def discriminator_penalty(self, real: Tensor, fake: Tensor) -> Tensor | None:
         """Extra term of the discriminator loss (a gradient penalty), computed in `forward` so DDP sees it."""
@@ -250,4 +300,4 @@ class AdversarialModel(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return ((self.generate(n, generator).float() + 1) / 2).clamp(0, 1)
+        return ((self.generate(n, generator, self.sampling_generator).float() + 1) / 2).clamp(0, 1)

@@ -15,7 +15,7 @@ from torch import nn
 from components.data.prepared import PreparedData
 from components.models import create_model
 from components.models.adversarial import LAZY_R1_PHASE, AdversarialModel, gradient_penalty, r1_penalty
-from components.models.model_dir import load_model_dir
+from components.models.model_dir import load_model_dir, load_weights, save_model_dir
 from components.training.trainer import STATE_FILE, LocalContext, read_outcome, run_training
 
 FAMILIES = ("gan", "dcgan", "wgan", "wgan-gp", "stylegan")
@@ -101,8 +101,12 @@ def process_group(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("family", "hparams"),
-    [*((family, SMALL[family]) for family in FAMILIES), ("dcgan", {**SMALL["dcgan"], "r1_every": 2})],
-    ids=[*FAMILIES, "dcgan-lazy-r1"],
+    [
+        *((family, SMALL[family]) for family in FAMILIES),
+        ("dcgan", {**SMALL["dcgan"], "r1_every": 2}),
+        ("stylegan", {**SMALL["stylegan"], "ema_decay": 0.9}),
+    ],
+    ids=[*FAMILIES, "dcgan-lazy-r1", "stylegan-averaged"],
 )
 def test_phases_run_under_one_ddp_wrapper_as_the_trainer_uses_it(family: str, hparams: dict, process_group):
     torch.manual_seed(0)
@@ -241,7 +245,7 @@ def test_stylegan_style_mixing_changes_the_image_from_the_crossover_on():
     z, other = torch.randn(2, 4), torch.randn(2, 4)
 
     def draw(crossover: int) -> torch.Tensor:
-        ws = model.mixed_ws(z, other, torch.full((2,), crossover))
+        ws = model.mixed_ws(model.generator, z, other, torch.full((2,), crossover))
         with torch.no_grad():
             return synthesis(ws, torch.Generator().manual_seed(0))
 
@@ -328,3 +332,62 @@ def test_a_lazy_r1_penalty_is_a_discriminator_step_of_k_times_its_weight_every_k
     state = torch.load(tmp_path / STATE_FILE, weights_only=True)["optimizers"]
     assert state.keys() == {"discriminator", "generator"}  # the shared optimiser saved once
     assert max(int(s["step"]) for s in state["discriminator"]["state"].values()) == 15
+
+
+@pytest.mark.parametrize("family", ["dcgan", "stylegan"])
+def test_the_generators_average_follows_each_generator_step_and_is_what_sample_draws(family: str):
+    torch.manual_seed(0)
+    model = create_model(family, (3, 8, 8), **SMALL[family], ema_decay=0.9)
+    average = model.generator_average.module
+    assert unchanged(average, snapshot(model.generator))  # it starts as the generator
+    optimizers = model.configure_optimizers(1e-2)
+    x = torch.rand(6, 3, 8, 8)
+    expected = None
+    for updates in range(4):
+        trainer_step(model, model, optimizers, x, model.phases[0])
+        trainer_step(model, model, optimizers, x, "generator")
+        current = snapshot(model.generator)
+        if expected is None:  # the first update copies
+            expected = current
+        else:  # then moves towards the generator by 1 - decay, the decay ramping up to ema_decay
+            decay = min(0.9, (1 + updates) / (10 + updates))
+            expected = [decay * e + (1 - decay) * c for e, c in zip(expected, current, strict=True)]
+        assert all(
+            torch.allclose(a, e, atol=1e-6) for a, e in zip(average.parameters(), expected, strict=True)
+        )
+    assert int(model.generator_average.n_averaged) == 4
+    assert all(not p.requires_grad for p in average.parameters())
+
+    model.eval()
+    seeded = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    with torch.no_grad():
+        from_average = (model.generate(5, seeded(), average) + 1) / 2
+        from_generator = (model.generate(5, seeded()) + 1) / 2
+    assert torch.equal(model.sample(5, seeded()), from_average.clamp(0, 1))
+    assert not torch.allclose(from_average, from_generator, atol=1e-3)
+
+
+def test_weights_without_an_average_load_with_the_average_at_their_generator(tmp_path: Path):
+    torch.manual_seed(0)
+    plain = create_model("dcgan", (3, 8, 8), **SMALL["dcgan"])
+    optimizers = plain.configure_optimizers(1e-2)
+    x = torch.rand(6, 3, 8, 8)
+    for phase in plain.phases[:2]:  # weights (and batch-norm statistics) away from their start
+        trainer_step(plain, plain, optimizers, x, phase)
+    save_model_dir(plain.eval(), tmp_path)
+
+    averaged = create_model("dcgan", (3, 8, 8), **SMALL["dcgan"], ema_decay=0.99)
+    load_weights(averaged, tmp_path)
+    averaged.eval()
+    seeded = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(averaged.sample(4, seeded()), plain.sample(4, seeded()))
+    assert int(averaged.generator_average.n_averaged) == 1  # the next update averages, not copies
+
+    # A model saved with its average keeps it: the average is part of its weights.
+    trainer_step(averaged, averaged, averaged.configure_optimizers(1e-2), x, "generator")
+    save_model_dir(averaged.eval(), tmp_path / "averaged")
+    reloaded = load_model_dir(tmp_path / "averaged")
+    assert torch.equal(reloaded.sample(4, seeded()), averaged.sample(4, seeded()))
+    assert not torch.equal(reloaded.sample(4, seeded()), plain.sample(4, seeded()))
+    with pytest.raises(ValueError, match=r"dcgan: expected ema_decay in \[0, 1\), got ema_decay=1"):
+        create_model("dcgan", (3, 8, 8), ema_decay=1)

@@ -97,8 +97,18 @@ class DCGANDiscriminator(nn.Module):
 @register_model("dcgan")
 class DCGAN(AdversarialModel):
     def __init__(
-        self, image_shape, *, latent_dim: int = 32, width: int = 64, r1_gamma: float = 1.0, r1_every: int = 16
+        self,
+        image_shape,
+        *,
+        latent_dim: int = 32,
+        width: int = 64,
+        r1_gamma: float = 1.0,
+        r1_every: int = 16,
+        ema_decay: float = 0.0,
     ):
-        super().__init__(image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma, r1_every=r1_every)
-        self.generator = DCGANGenerator(self.image_shape, latent_dim, width)
-        self.discriminator = DCGANDiscriminator(self.image_shape, width)
+        super().__init__(
+            image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma, r1_every=r1_every, ema_decay=ema_decay
+        )
+        self.set_players(
+            DCGANGenerator(self.image_shape, latent_dim, width), DCGANDiscriminator(self.image_shape, width)
+        )

@@ -40,8 +40,12 @@ class MLPGenerator(nn.Module):
 class GAN(AdversarialModel):
     def __init__(self, image_shape, *, latent_dim: int = 16, hidden: int = 256, depth: int = 2):
         super().__init__(image_shape, latent_dim=latent_dim)
-        self.generator = MLPGenerator(self.image_shape, latent_dim, hidden, depth)
         # LeakyReLU keeps D's gradient alive for inputs it rejects outright (a dead ReLU gives G none).
-        self.discriminator = nn.Sequential(
-            nn.Flatten(), mlp([self.num_dims, *[hidden] * depth, 1], lambda: nn.LeakyReLU(0.2)), nn.Flatten(0)
+        self.set_players(
+            MLPGenerator(self.image_shape, latent_dim, hidden, depth),
+            nn.Sequential(
+                nn.Flatten(),
+                mlp([self.num_dims, *[hidden] * depth, 1], lambda: nn.LeakyReLU(0.2)),
+                nn.Flatten(0),
+            ),
         )

@@ -221,29 +221,38 @@ class StyleGAN(AdversarialModel):
         mixing_prob: float = 0.9,
         r1_gamma: float = 1.0,
         r1_every: int = 16,
+        ema_decay: float = 0.0,
     ):
-        super().__init__(image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma, r1_every=r1_every)
+        super().__init__(
+            image_shape, latent_dim=latent_dim, r1_gamma=r1_gamma, r1_every=r1_every, ema_decay=ema_decay
+        )
         if not 0.0 <= mixing_prob <= 1.0:
             raise ValueError(f"stylegan: expected mixing_prob in [0, 1], got mixing_prob={mixing_prob}")
         self.mixing_prob = mixing_prob
-        self.generator = StyleGenerator(self.image_shape, latent_dim, width, mapping_layers)
-        self.discriminator = StyleDiscriminator(self.image_shape, width)
+        self.set_players(
+            StyleGenerator(self.image_shape, latent_dim, width, mapping_layers),
+            StyleDiscriminator(self.image_shape, width),
+        )
 
-    def mixed_ws(self, z: Tensor, other: Tensor, crossover: Tensor) -> Tensor:
-        """Per-layer codes: w(z) for layers before each image's `crossover` index, w(other) from it on."""
-        num_ws = self.generator.synthesis.num_ws
-        first, second = self.generator.mapping(z), self.generator.mapping(other)
+    def mixed_ws(self, network: StyleGenerator, z: Tensor, other: Tensor, crossover: Tensor) -> Tensor:
+        """`network`'s per-layer codes: w(z) for layers before each image's `crossover` index, w(other)
+        from it on."""
+        num_ws = network.synthesis.num_ws
+        first, second = network.mapping(z), network.mapping(other)
         later = torch.arange(num_ws, device=z.device)[None, :] >= crossover[:, None]
         return torch.where(later[:, :, None], second[:, None], first[:, None])
 
-    def generate(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self, n: int, generator: torch.Generator | None = None, network: nn.Module | None = None
+    ) -> Tensor:
+        network = self.generator if network is None else network
         z = self.prior(n, generator)
         if not (self.training and self.mixing_prob > 0):
-            return self.generator(z, generator)
+            return network(z, generator)
         other = self.prior(n, generator)
-        num_ws = self.generator.synthesis.num_ws
+        num_ws = network.synthesis.num_ws
         source = generator.device if generator is not None else self.device
         crossover = torch.randint(1, num_ws, (n,), generator=generator, device=source).to(self.device)
         unmixed = torch.rand(n, generator=generator, device=source).to(self.device) >= self.mixing_prob
         crossover = crossover.masked_fill(unmixed, num_ws)  # num_ws: every layer takes the first code
-        return self.generator.synthesis(self.mixed_ws(z, other, crossover), generator)
+        return network.synthesis(self.mixed_ws(network, z, other, crossover), generator)

@@ -33,8 +33,10 @@ class _WassersteinGAN(AdversarialModel):
 
     def __init__(self, image_shape, *, latent_dim: int, width: int, n_critic: int, critic_norm: str):
         super().__init__(image_shape, latent_dim=latent_dim, critic_steps=n_critic)
-        self.generator = DCGANGenerator(self.image_shape, latent_dim, width)
-        self.discriminator = DCGANDiscriminator(self.image_shape, width, norm=critic_norm)
+        self.set_players(
+            DCGANGenerator(self.image_shape, latent_dim, width),
+            DCGANDiscriminator(self.image_shape, width, norm=critic_norm),
+        )
 
 
 @register_model("wgan")
@@ -52,6 +54,7 @@ class WGAN(_WassersteinGAN):
 
     @torch.no_grad()
     def after_optimizer_step(self, phase: str) -> None:
+        super().after_optimizer_step(phase)
         if phase == "critic":
             for parameter in self.discriminator.parameters():
                 parameter.clamp_(-self.clip, self.clip)
