@@ -97,6 +97,14 @@ def check_hyperparameters(names: list[str], image_shape: tuple[int, int, int], h
             raise SystemExit(f"--hparam: {name}: {err}") from err
 
 
+def pipeline_featurizer(work: Path, seed: int) -> tuple[torch.nn.Module, str]:
+    """The pipeline's featurizer with params.yaml's settings, trained on the data `load_data` prepared
+    in `work`, and its id: the same weights for the same data and seed."""
+    settings = PARAMS.featurizer.model_dump(include={"feature_dim", "epochs", "batch_size", "lr"})
+    train_featurizer(work / "prepared", work / "featurizer", seed=seed, **settings)
+    return feature_extractor("featurizer", work / "featurizer")
+
+
 def real_grid(data: PreparedData, data_kind: str, grids: Path) -> str:
     """Grid of the test images a model of `data_kind` is scored against (written once per kind)."""
     path = grids / f"{data.name}-real-{data_kind}.png"
@@ -253,10 +261,8 @@ def main() -> None:
         data = load_data(args, work)
         check_hyperparameters(names, data.image_shape, args.hparams)
         start = time.perf_counter()
-        settings = PARAMS.featurizer.model_dump(include={"feature_dim", "epochs", "batch_size", "lr"})
-        train_featurizer(work / "prepared", work / "featurizer", seed=args.seed, **settings)
+        extractor, extractor_id = pipeline_featurizer(work, args.seed)
         featurizer_seconds = time.perf_counter() - start
-        extractor, extractor_id = feature_extractor("featurizer", work / "featurizer")
         # One untimed epoch first, so the first timed model does not pay for one-time initialisation;
         # in a folder of its own, so that model starts afresh rather than continuing the warm-up's.
         warm_up = argparse.Namespace(**{**vars(args), "epochs": 1})
