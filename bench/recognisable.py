@@ -67,7 +67,10 @@ def main() -> None:
     )
     data_arguments(parser)
     parser.add_argument("models", nargs="+", type=Path, metavar="KEPT_MODEL_DIR")
-    parser.add_argument("--seed", type=int, default=0, help="featurizer and latents")
+    parser.add_argument("--seed", type=int, default=0, help="featurizer, and the first draw's latents")
+    parser.add_argument(
+        "--draws", type=int, default=3, help="draws of images per model, seeds from --seed on"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     results_arguments(parser, RESULTS)
     args = parser.parse_args()
@@ -85,24 +88,42 @@ def main() -> None:
         grids = Path(tmp) if args.no_write else IMAGES  # --no-write leaves bench/ as it was
         real_png = real_grid(data, "continuous", grids)
 
-        def row(label: str, epochs: str, images: torch.Tensor, fid: str, kid: str) -> str:
-            names = named(images, extractor.classify)
-            counts = " / ".join(str(int((names == k).sum())) for k in range(len(labels)))
-            share = float((names >= 0).float().mean())
-            return f"| {label} | {epochs} | {share:.1%} | {counts} | {fid} | {kid} |"
+        train = torch.from_numpy(data.train.images)
 
-        rows = [row("test images", "-", test, "-", "-")]
+        def training_images(n: int, draw: torch.Generator) -> torch.Tensor:
+            return train[torch.randperm(len(train), generator=draw)[:n]]
+
+        def row(label: str, epochs: str, draw: Callable[[int, torch.Generator], torch.Tensor]) -> tuple:
+            """The table row of `args.draws` draws of images, and the first draw's images."""
+            draws, names, fids, kids = [], [], [], []
+            for index in range(args.draws):
+                with torch.no_grad():
+                    draws.append(draw(SETTINGS.num_samples, torch.Generator().manual_seed(args.seed + index)))
+                names.append(named(draws[-1], extractor.classify))
+                scores = fid_kid(test, draws[-1], extractor, kid_subset_size=SETTINGS.kid_subset_size)
+                fids.append(scores["fid"])
+                kids.append(scores["kid_mean"])
+            pooled = torch.cat(names)
+            counts = " / ".join(str(int((pooled == k).sum())) for k in range(len(labels)))
+            share = float((pooled >= 0).float().mean())
+            fid, kid = torch.tensor(fids), torch.tensor(kids)
+            spread = f" ± {fid.std():.2f}" if args.draws > 1 else ""
+            cells = f"{share:.1%} | {counts} | {fid.mean():.2f}{spread} | {kid.mean():.4f}"
+            return f"| {label} | {epochs} | {cells} |", draws[0]
+
+        test_names = named(test, extractor.classify)
+        test_counts = " / ".join(str(int((test_names == k).sum())) for k in range(len(labels)))
+        rows = [
+            f"| test images | - | {float((test_names >= 0).float().mean()):.1%} | {test_counts} | - | - |"
+        ]
+        rows.append(row("training images", "-", training_images)[0])
         gallery = []
         for folder, model in zip(args.models, models, strict=True):
             epochs = len(json.loads((folder / "history.json").read_text())["history"])
             cells = []
             for drawn, draw in samplers(model).items():
-                with torch.no_grad():
-                    images = draw(SETTINGS.num_samples, torch.Generator().manual_seed(args.seed))
-                scores = fid_kid(test, images, extractor, kid_subset_size=SETTINGS.kid_subset_size)
-                kid = f"{scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}"
-                label = f"{folder.parent.name}/{folder.name} ({drawn})"
-                rows.append(row(label, str(epochs), images, f"{scores['fid']:.2f}", kid))
+                text, images = row(f"{folder.parent.name}/{folder.name} ({drawn})", str(epochs), draw)
+                rows.append(text)
                 png = save_grid(images[:64], grids / f"{folder.name}-{epochs}ep-{drawn}.png").name
                 cells.append(f"{drawn}: ![{drawn}](results/{png})")
             gallery.append(
@@ -112,11 +133,14 @@ def main() -> None:
     command = " ".join([".venv/bin/python", "bench/recognisable.py", *sys.argv[1:]])
     report = f"""# How recognisable are the samples? The share the featurizer's classifier names
 
-Dataset: {data.name} ({"x".join(map(str, data.image_shape))}); {SETTINGS.num_samples} images of each
-model (latents from seed {args.seed}) and the {len(test)} test images. Named: the featurizer
-`{extractor_id}` (validation accuracy {accuracy:.1%} on the labels) gives one label a probability of
-at least {NAMED_PROBABILITY}. Named per label: {" / ".join(labels)}. FID and KID (subsets of
-{SETTINGS.kid_subset_size}) against the test images in the same featurizer's feature space.
+Dataset: {data.name} ({"x".join(map(str, data.image_shape))}). Each model draws {args.draws} times
+{SETTINGS.num_samples} images (latents from seeds {args.seed} to {args.seed + args.draws - 1}); the
+training images row draws as many training images at random each time, the spread any model's FID has
+from its draw alone. Named: the featurizer `{extractor_id}` (validation accuracy {accuracy:.1%} on the
+labels) gives one label a probability of at least {NAMED_PROBABILITY}, over all draws (the test row:
+the {len(test)} test images once). Named per label: {" / ".join(labels)}. FID (mean ± standard deviation
+over the draws) and KID (mean; subsets of {SETTINGS.kid_subset_size}) against the test images in the
+same featurizer's feature space. Grids: each model's first draw.
 
 Machine: {machine()}.
 Command: `{command}`
