@@ -367,6 +367,23 @@ def test_the_generators_average_follows_each_generator_step_and_is_what_sample_d
     assert not torch.allclose(from_average, from_generator, atol=1e-3)
 
 
+def test_the_average_leaves_the_training_as_it_would_be_without_it():
+    trained = []
+    for ema_decay in (0.0, 0.9):
+        torch.manual_seed(0)
+        model = create_model("dcgan", (3, 8, 8), **SMALL["dcgan"], ema_decay=ema_decay)
+        optimizers = model.configure_optimizers(1e-2)
+        for step in range(3):
+            for phase in model.phase_schedule(step):
+                trainer_step(model, model, optimizers, torch.rand(6, 3, 8, 8), phase)
+        trained.append(
+            {k: v for k, v in model.state_dict().items() if not k.startswith("generator_average.")}
+        )
+    plain, averaged = trained
+    assert plain.keys() == averaged.keys()
+    assert all(torch.equal(plain[k], averaged[k]) for k in plain)
+
+
 def test_weights_without_an_average_load_with_the_average_at_their_generator(tmp_path: Path):
     torch.manual_seed(0)
     plain = create_model("dcgan", (3, 8, 8), **SMALL["dcgan"])
