@@ -8,7 +8,9 @@ and FID and KID against the test split. The featurizer is trained here as `bench
 trains it, so the scores compare with its results on the same data and seed.
 
 A model with a generator's average (`ema_decay` > 0) is scored twice from the same latents: the
-average, which `sample` draws from, and the generator the last step left.
+average, which `sample` draws from, and the generator the last step left. With `--grids` each
+model's first draw also goes to a grid under bench/results/ (`bench/sample_quality.py` wrote one per
+kept model already).
 
     .venv/bin/python bench/recognisable.py --data shapes --size 10000 --resolution 32 KEPT_MODEL_DIR...
 
@@ -38,6 +40,7 @@ from components.models.model_dir import load_model_dir
 
 RESULTS = Path(__file__).with_name("RESULTS-recognisable.md")
 NAMED_PROBABILITY = 0.9
+GALLERY_HEADER = "| model | real test images | samples (first 64) |\n|---|---|---|\n"
 
 
 def named(images: torch.Tensor, classifier: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -72,6 +75,9 @@ def main() -> None:
         "--draws", type=int, default=3, help="draws of images per model, seeds from --seed on"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--grids", action="store_true", help="also write each model's first draw as a grid to bench/results/"
+    )
     results_arguments(parser, RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,8 +91,8 @@ def main() -> None:
         extractor, extractor_id = pipeline_featurizer(Path(tmp), args.seed)
         accuracy = json.loads((Path(tmp) / "featurizer" / "config.json").read_text())["val_accuracy"]
         test = torch.from_numpy(data.test.images)
-        grids = Path(tmp) if args.no_write else IMAGES  # --no-write leaves bench/ as it was
-        real_png = real_grid(data, "continuous", grids)
+        grids = IMAGES if args.grids and not args.no_write else None  # --no-write leaves bench/ as it was
+        real_png = real_grid(data, "continuous", grids) if grids else None
 
         train = torch.from_numpy(data.train.images)
 
@@ -124,11 +130,13 @@ def main() -> None:
             for drawn, draw in samplers(model).items():
                 text, images = row(f"{folder.parent.name}/{folder.name} ({drawn})", str(epochs), draw)
                 rows.append(text)
-                png = save_grid(images[:64], grids / f"{folder.name}-{epochs}ep-{drawn}.png").name
-                cells.append(f"{drawn}: ![{drawn}](results/{png})")
-            gallery.append(
-                f"| {folder.name} ({epochs} epochs) | ![real](results/{real_png}) | {' '.join(cells)} |"
-            )
+                if grids:
+                    png = save_grid(images[:64], grids / f"{folder.name}-{epochs}ep-{drawn}.png").name
+                    cells.append(f"{drawn}: ![{drawn}](results/{png})")
+            if grids:
+                gallery.append(
+                    f"| {folder.name} ({epochs} epochs) | ![real](results/{real_png}) | {' '.join(cells)} |"
+                )
 
     command = " ".join([".venv/bin/python", "bench/recognisable.py", *sys.argv[1:]])
     report = f"""# How recognisable are the samples? The share the featurizer's classifier names
@@ -140,7 +148,7 @@ from its draw alone. Named: the featurizer `{extractor_id}` (validation accuracy
 labels) gives one label a probability of at least {NAMED_PROBABILITY}, over all draws (the test row:
 the {len(test)} test images once). Named per label: {" / ".join(labels)}. FID (mean ± standard deviation
 over the draws) and KID (mean; subsets of {SETTINGS.kid_subset_size}) against the test images in the
-same featurizer's feature space. Grids: each model's first draw.
+same featurizer's feature space.
 
 Machine: {machine()}.
 Command: `{command}`
@@ -149,10 +157,7 @@ Command: `{command}`
 |---|---:|---:|---|---:|---:|
 {chr(10).join(rows)}
 
-| model | real test images | samples (first 64) |
-|---|---|---|
-{chr(10).join(gallery)}
-"""
+{GALLERY_HEADER + chr(10).join(gallery) if gallery else ""}"""
     publish(args, report)
 
 
