@@ -194,11 +194,12 @@ class AdversarialModel(GenerativeModel):
 
     def _moving_average(self, averages: list[Tensor], currents: list[Tensor], updates: Tensor) -> None:
         """One update of tensors of one dtype and device (`AveragedModel` groups them so)."""
-        if not averages[0].is_floating_point():  # batch norm's step counters: copied, not averaged
-            torch._foreach_copy_(averages, currents)
-            return
         decay = min(self.ema_decay, (1 + updates.item()) / (10 + updates.item()))
-        torch._foreach_lerp_(averages, currents, 1 - decay)
+        for average, current in zip(averages, currents, strict=True):
+            if average.is_floating_point():
+                average.lerp_(current, 1 - decay)
+            else:  # batch norm's step counters: copied, not averaged
+                average.copy_(current)
 
     def _average_from_generator(self, module, state_dict, prefix, *args) -> None:
         """Weights saved without an average (with `ema_decay` 0, or before it existed) load with the
