@@ -52,16 +52,15 @@ def named(images: torch.Tensor, classifier: Callable[[torch.Tensor], torch.Tenso
 
 
 def samplers(model: GenerativeModel) -> dict[str, Callable[[int, torch.Generator], torch.Tensor]]:
-    """What draws a model's images: `sample`, and for a generator's average also the generator."""
-    drawers = {"samples": model.sample}
-    if isinstance(model, AdversarialModel) and model.ema_decay > 0:
-        drawers = {"average": model.sample}
+    """What draws a model's images: `sample`, which is the generator's average where there is one, and
+    then also the generator."""
+    if not (isinstance(model, AdversarialModel) and model.ema_decay > 0):
+        return {"samples": model.sample}
 
-        def from_generator(n: int, latents: torch.Generator) -> torch.Tensor:
-            return ((model.generate(n, latents, model.generator) + 1) / 2).clamp(0, 1)
+    def from_generator(n: int, latents: torch.Generator) -> torch.Tensor:
+        return ((model.generate(n, latents, model.generator) + 1) / 2).clamp(0, 1)
 
-        drawers["generator"] = from_generator
-    return drawers
+    return {"average": model.sample, "generator": from_generator}
 
 
 def main() -> None:
